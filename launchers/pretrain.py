@@ -1,0 +1,159 @@
+"""MoCo pretraining, top to bottom.
+
+    deepspeed --num_gpus 2 launchers/pretrain.py --config configs/demo.yaml --train.max_steps=60
+    torchrun --nproc_per_node 2 launchers/pretrain.py --config configs/demo.yaml
+    python launchers/pretrain.py --config configs/demo.yaml
+
+Every config field is overridable as ``--section.field=value``. Bad input is rejected in one
+line before any process group, model or data loader is created.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, save_config, validate
+from moco_scale.data.augment import moco_views
+from moco_scale.data.demo import ensure_demo_shards
+from moco_scale.data.shards import DataError, count_samples, list_shards
+from moco_scale.data.torch_loader import two_view_loader
+from moco_scale.dist.comm import init_distributed
+from moco_scale.engine.deepspeed import DeepSpeedEngine
+from moco_scale.metrics import MetricsLogger
+from moco_scale.moco import MoCo
+from moco_scale.models import build_resnet
+from moco_scale.optim import build_optimizer, key_momentum, learning_rate
+
+
+def resolve_train_shards(data_path: str) -> list[str]:
+    """``demo`` means the built-in digits shards (written on first use); anything else is listed as given."""
+    if data_path == "demo":
+        return list_shards(str(ensure_demo_shards()["train"]))
+    return list_shards(data_path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pretrain(cfg: Config, shards: list[str]) -> None:
+    ctx = init_distributed(cfg.engine.device)
+    global_batch = cfg.train.batch_size * ctx.world_size
+    total_steps = cfg.train.max_steps or cfg.train.epochs * math.ceil(count_samples(shards) / global_batch)
+    peak_lr = cfg.optim.base_lr * global_batch / 256
+    run_dir = Path(cfg.train.run_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    # The same seed everywhere builds the same model and queue on every rank.
+    seed_everything(cfg.train.seed)
+    backbone = build_resnet(cfg.model.arch, cfg.model.width, cfg.model.small_stem)
+    model = MoCo(
+        backbone,
+        version=cfg.moco.version,
+        dim=cfg.moco.dim,
+        mlp_dim=cfg.moco.mlp_dim,
+        queue_size=cfg.moco.queue_size,
+        temperature=cfg.moco.temperature,
+        key_bn=cfg.moco.shuffle_bn,
+        bn_groups=cfg.moco.bn_groups,
+        world_size=ctx.world_size,
+        key_bn_buffers=cfg.moco.key_bn_buffers,
+        cuda_graph_ema=cfg.engine.cuda_graph_ema,
+        shuffle_seed=cfg.train.seed,
+    )
+    channels_last = cfg.model.channels_last and ctx.device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(ctx.device, memory_format=memory_format)
+    optimizer = build_optimizer(
+        model,
+        cfg.optim.name,
+        peak_lr,
+        cfg.optim.momentum,
+        cfg.optim.weight_decay,
+        cfg.optim.betas,
+        cfg.optim.trust_coefficient,
+        ctx.device.type,
+    )
+    precision = cfg.engine.precision
+    if precision == "auto":
+        precision = "bf16" if ctx.device.type == "cuda" else "fp32"
+    engine = DeepSpeedEngine(model, optimizer, precision, cfg.engine.zero_stage, cfg.train.batch_size, ctx.world_size)
+
+    # From here on each rank draws its own augmentations.
+    seed_everything(cfg.train.seed * 1000 + ctx.rank + 1)
+    loader = two_view_loader(
+        shards,
+        moco_views(cfg.data.augmentation, cfg.data.image_size),
+        cfg.train.batch_size,
+        ctx.rank,
+        ctx.world_size,
+        cfg.data.workers,
+        cfg.data.seed,
+        cfg.data.shuffle_buffer,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    logger = MetricsLogger(run_dir, total_steps, enabled=ctx.is_main, progress=cfg.train.progress)
+    model.train()
+    batches = iter(loader)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(total_steps):
+        view1, view2, _ = next(batches)
+        view1 = view1.to(ctx.device, non_blocking=True, memory_format=memory_format)
+        view2 = view2.to(ctx.device, non_blocking=True, memory_format=memory_format)
+        lr = learning_rate(step, total_steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.schedule)
+        momentum = key_momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
+        out = engine.train_step(view1, view2, lr=lr, momentum=momentum, step=step)
+        logger.advance()
+        window_steps += 1
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+            stats = torch.stack([out.loss.float(), out.inst_acc.float()])
+            dist.all_reduce(stats)
+            stats /= ctx.world_size
+            elapsed = time.perf_counter() - window_start
+            logger.log(
+                {
+                    "step": step + 1,
+                    "loss": stats[0].item(),
+                    "inst_acc": stats[1].item(),
+                    "lr": lr,
+                    "momentum": momentum,
+                    "pairs_per_s": window_steps * global_batch / elapsed,
+                }
+            )
+            window_start, window_steps = time.perf_counter(), 0
+    summary = logger.close()
+    if ctx.is_main:
+        print(summary, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(config: str | None = None, local_rank: int | None = None, **overrides) -> None:
+    """``--config`` names a YAML file; ``--local_rank`` is set by the deepspeed launcher (the
+    environment's LOCAL_RANK is what counts); every other flag is ``--section.field=value``."""
+    try:
+        cfg = load_config(config, parse_cli_overrides(overrides))
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        shards = resolve_train_shards(cfg.data.path)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    pretrain(cfg, shards)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

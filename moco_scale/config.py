@@ -1,0 +1,315 @@
+"""Typed run configuration: dataclass sections loaded from YAML, overridden as ``--section.field=value``.
+
+Every check that can be made without touching a process group or the data runs in
+:func:`validate`, so bad input fails in one line before any compute starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from moco_scale.models import RESNET_SPECS
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the culprit."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "demo"  # "demo" (built-in shards), a folder of .tar shards, or a glob
+    image_size: int = 224
+    augmentation: Literal["v1", "v2", "v3"] = "v2"
+    workers: int = 4
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    width: int = 1  # SimCLR-style width multiplier: resnet50 with width=2 is R50x2
+    small_stem: bool = False  # 3x3 conv stem without max-pool, for 32-96 px images
+    channels_last: bool = True  # applied on GPU only
+
+
+@dataclass
+class MocoConfig:
+    version: Literal["v1", "v2", "v3"] = "v2"
+    dim: int = 128
+    mlp_dim: int = 2048  # hidden width of the MLP heads (v2: backbone width; v3: 4096)
+    queue_size: int = 65536  # K; ignored by v3
+    momentum: float = 0.999  # m at step 0
+    momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: m -> 1 (v3)
+    temperature: float = 0.2
+    shuffle_bn: Literal["shuffle", "sync", "none"] = "shuffle"
+    bn_groups: int = 8  # virtual BN groups for shuffle-BN in a single process
+    key_bn_buffers: Literal["own", "copy", "ema"] = "own"
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    base_lr: float = 0.03  # per 256 images: lr = base_lr * global_batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    trust_coefficient: float = 0.001  # lars only
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # per rank
+    max_steps: int = 0  # 0: derived from epochs and the dataset size
+    epochs: int = 200
+    log_every: int = 10
+    run_dir: str = "runs/default"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["deepspeed"] = "deepspeed"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cuda_graph_ema: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: no periodic checkpoints
+    keep_last: int = 2
+    resume: str = ""  # "", "auto" or a checkpoint path
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+ARCHS = tuple(RESNET_SPECS)
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the field's declared type."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        if len(value) != len(args):
+            raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return number
+    if annotation is str:
+        return str(value)
+    raise TypeError(f"unsupported config annotation {annotation!r} for {name}")
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    section_name, _, field_name = dotted.partition(".")
+    classes = _section_classes()
+    if section_name not in classes:
+        raise ConfigError(f"unknown section {section_name!r} in {dotted!r}; sections: {', '.join(SECTIONS)}")
+    types_ = _field_types(classes[section_name])
+    if not field_name:
+        raise ConfigError(f"{dotted!r} names a section, not a field; fields: {', '.join(types_)}")
+    if field_name not in types_:
+        raise ConfigError(f"unknown field {dotted!r}; fields of {section_name}: {', '.join(types_)}")
+    setattr(getattr(cfg, section_name), field_name, _coerce(value, types_[field_name], dotted))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and not prefix:
+            if not value:
+                continue
+            flat.update(_flatten(value, f"{dotted}."))
+        elif not prefix:
+            raise ConfigError(f"top-level key {key!r} must be a section; sections: {', '.join(SECTIONS)}")
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` ({"train.max_steps": 50, ...})."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        for dotted, value in _flatten(tree).items():
+            _set(cfg, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        _set(cfg, dotted, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Cross-field checks; ``world_size`` enables the ones that depend on it."""
+    m, t, o = cfg.moco, cfg.train, cfg.optim
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(f"model.arch: unknown arch {cfg.model.arch!r}; choices: {', '.join(ARCHS)}")
+    positive = {
+        "model.width": cfg.model.width,
+        "moco.dim": m.dim,
+        "moco.mlp_dim": m.mlp_dim,
+        "moco.bn_groups": m.bn_groups,
+        "train.batch_size": t.batch_size,
+        "train.log_every": t.log_every,
+        "train.epochs": t.epochs,
+        "data.image_size": cfg.data.image_size,
+        "moco.temperature": m.temperature,
+        "optim.base_lr": o.base_lr,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    non_negative = {
+        "train.max_steps": t.max_steps,
+        "optim.warmup_steps": o.warmup_steps,
+        "optim.weight_decay": o.weight_decay,
+        "data.workers": cfg.data.workers,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "eval.every_steps": cfg.eval.every_steps,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if not 0.0 <= m.momentum < 1.0:
+        raise ConfigError(f"moco.momentum must be in [0, 1), got {m.momentum}")
+    if cfg.engine.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.engine.zero_stage}")
+    if m.version != "v3" and m.queue_size <= 0:
+        raise ConfigError(f"moco.queue_size must be > 0 for MoCo {m.version}, got {m.queue_size}")
+    if m.version == "v3" and m.shuffle_bn == "shuffle":
+        raise ConfigError("moco.shuffle_bn=shuffle is for v1/v2; MoCo v3 uses sync or none")
+    if world_size is not None:
+        global_batch = t.batch_size * world_size
+        if m.version != "v3" and m.queue_size < global_batch:
+            raise ConfigError(
+                f"moco.queue_size={m.queue_size} is smaller than the global batch "
+                f"{global_batch} ({t.batch_size} per rank x {world_size} ranks)"
+            )
+        if world_size == 1 and m.shuffle_bn == "shuffle" and t.batch_size % m.bn_groups:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} is not divisible by moco.bn_groups={m.bn_groups} "
+                "(single-process shuffle-BN splits the batch into that many groups)"
+            )
+
+
+def parse_cli_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """Fire hands nested flags over as dicts ({"train": {"max_steps": 50}}); flatten them to dotted names."""
+    flat: dict[str, Any] = {}
+    for key, value in flags.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in _flatten({key: value}).items():
+                flat[sub_key] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def _plain(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return [_plain(v) for v in tree]
+    return tree
+
+
+__all__ = [
+    "ARCHS",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "parse_cli_overrides",
+    "save_config",
+    "validate",
+]

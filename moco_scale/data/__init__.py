@@ -1,0 +1,1 @@
+"""Shards, augmentations and the two-view loaders."""

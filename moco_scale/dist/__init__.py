@@ -1,0 +1,1 @@
+"""Distributed mechanisms: process groups, shuffle-BN, the fused EMA, the key queue."""

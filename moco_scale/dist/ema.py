@@ -1,0 +1,80 @@
+"""The fused momentum (EMA) update of the key encoder: ``key <- m * key + (1 - m) * query``.
+
+All parameters move in one multi-tensor op per step instead of one small kernel per tensor.
+On CUDA the update is captured once in a CUDA graph with ``m`` held in a device tensor, so a
+changing momentum (MoCo v3's cosine schedule) replays the same graph with no re-capture.
+
+BN buffers follow ``buffer_policy``:
+- ``own``: the key encoder keeps the statistics of its own forward passes (the MoCo papers);
+- ``copy``: the key encoder's buffers are overwritten with the query encoder's;
+- ``ema``: floating-point buffers are averaged like parameters; counters are copied.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BUFFER_POLICIES = ("own", "copy", "ema")
+
+
+class MomentumUpdater:
+    """Moves ``target`` (the key encoder) towards ``online`` (the query encoder)."""
+
+    def __init__(self, online: nn.Module, target: nn.Module, buffer_policy: str = "own", cuda_graph: bool = True):
+        if buffer_policy not in BUFFER_POLICIES:
+            raise ValueError(f"buffer_policy must be one of {BUFFER_POLICIES}, got {buffer_policy!r}")
+        online_params, target_params = dict(online.named_parameters()), dict(target.named_parameters())
+        if online_params.keys() != target_params.keys():
+            raise ValueError("online and target modules must have the same parameter names")
+        self.online = [online_params[n] for n in online_params]
+        self.target = [target_params[n] for n in online_params]
+        online_buffers, target_buffers = dict(online.named_buffers()), dict(target.named_buffers())
+        names = list(online_buffers) if buffer_policy != "own" else []
+        floating = [n for n in names if online_buffers[n].is_floating_point()]
+        counters = [n for n in names if not online_buffers[n].is_floating_point()]
+        if buffer_policy == "ema":
+            self.online += [online_buffers[n] for n in floating]
+            self.target += [target_buffers[n] for n in floating]
+            copied = counters
+        else:
+            copied = floating + counters
+        self.copy_src = [online_buffers[n] for n in copied]
+        self.copy_dst = [target_buffers[n] for n in copied]
+        device = self.target[0].device if self.target else torch.device("cpu")
+        self.use_graph = cuda_graph and device.type == "cuda"
+        self._weight = torch.zeros((), device=device)  # 1 - m, read by the captured graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.no_grad()
+    def _update(self, weight: torch.Tensor | float) -> None:
+        if isinstance(weight, torch.Tensor):
+            # Tensor-scalar overloads never sync with the host, so they can be graph-captured.
+            delta = torch._foreach_sub(self.online, self.target)
+            torch._foreach_mul_(delta, weight)
+            torch._foreach_add_(self.target, delta)
+        else:
+            torch._foreach_lerp_(self.target, self.online, weight)
+        if self.copy_dst:
+            torch._foreach_copy_(self.copy_dst, self.copy_src)
+
+    @torch.no_grad()
+    def __call__(self, momentum: float) -> None:
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if not self.use_graph:
+            self._update(1.0 - momentum)
+            return
+        self._weight.fill_(1.0 - momentum)
+        if self._graph is None:
+            # The first step runs eagerly on a side stream (also the warm-up), then is captured.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._update(self._weight)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._update(self._weight)
+            return
+        self._graph.replay()

@@ -1,0 +1,163 @@
+"""Momentum Contrast, as in the papers.
+
+- MoCo v1 (He et al., 2019): a query encoder, a momentum key encoder, a queue of K negative keys,
+  InfoNCE with temperature T, and shuffle-BN on the key side.
+- MoCo v2 (Chen et al., 2020): the same with a 2-layer MLP head.
+- MoCo v3 (Chen et al., 2021): no queue; a 3-layer projector and a 2-layer predictor on the
+  query side, in-batch keys from all ranks as negatives, a symmetrised loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco_scale.dist import shuffle_bn
+from moco_scale.dist.comm import all_gather_concat, rank
+from moco_scale.dist.ema import MomentumUpdater
+from moco_scale.dist.queue import KeyQueue
+
+
+class MocoOutput(NamedTuple):
+    loss: torch.Tensor
+    inst_acc: torch.Tensor  # how often the positive key wins among all candidates
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, last_bn: bool) -> nn.Sequential:
+    """Linear-BN-ReLU blocks (v3 style), ending in a linear layer and optionally an affine-free BN."""
+    blocks: list[nn.Module] = []
+    for i in range(layers):
+        d_in = in_dim if i == 0 else hidden_dim
+        d_out = out_dim if i == layers - 1 else hidden_dim
+        blocks.append(nn.Linear(d_in, d_out, bias=False))
+        if i < layers - 1:
+            blocks += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            blocks.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*blocks)
+
+
+def projection_head(version: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """v1: linear. v2: 2-layer MLP. v3: 3-layer MLP with BN."""
+    if version == "v1":
+        return nn.Linear(in_dim, out_dim)
+    if version == "v2":
+        return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+    return mlp(in_dim, hidden_dim, out_dim, layers=3, last_bn=True)
+
+
+def info_nce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the candidates, and the instance-discrimination accuracy."""
+    logits = logits.float()
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return F.cross_entropy(logits, labels), accuracy
+
+
+class MoCo(nn.Module):
+    """Query encoder, momentum key encoder and (v1/v2) a queue; ``forward`` returns the loss.
+
+    Args:
+        backbone: the query backbone, returning pooled features of size ``backbone.feature_dim``.
+        version: "v1", "v2" or "v3".
+        dim: width of the L2-normalised output.
+        mlp_dim: hidden width of the MLP heads (0: the backbone's feature width).
+        queue_size: K, the number of negative keys (v1/v2).
+        temperature: T of InfoNCE.
+        key_bn: "shuffle" (shuffle-BN), "sync" (synchronised BN) or "none".
+        bn_groups: virtual BN groups for shuffle-BN in a single process.
+        world_size: number of ranks; picks the shuffle-BN flavour.
+        key_bn_buffers, cuda_graph_ema: see :class:`MomentumUpdater`.
+        shuffle_seed: seed of the shared key permutation.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        version: str = "v2",
+        dim: int = 128,
+        mlp_dim: int = 0,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        key_bn: str = "shuffle",
+        bn_groups: int = 8,
+        world_size: int = 1,
+        key_bn_buffers: str = "own",
+        cuda_graph_ema: bool = True,
+        shuffle_seed: int = 0,
+    ):
+        super().__init__()
+        self.version = version
+        self.temperature = temperature
+        self.shuffle_keys = key_bn == "shuffle"
+        self.shuffle_seed = shuffle_seed
+        feature_dim = backbone.feature_dim
+        self.encoder_q = nn.Sequential()
+        self.encoder_q.add_module("backbone", backbone)
+        self.encoder_q.add_module("head", projection_head(version, feature_dim, mlp_dim or feature_dim, dim))
+        bn_mode = {"sync": "sync", "none": "local"}.get(key_bn, "split" if world_size == 1 else "local")
+        shuffle_bn.convert_batchnorm(self.encoder_q, bn_mode, bn_groups, next(backbone.parameters()).device)
+        self.predictor = mlp(dim, mlp_dim or feature_dim, dim, layers=2, last_bn=False) if version == "v3" else None
+        if self.predictor is not None:
+            shuffle_bn.convert_batchnorm(self.predictor, bn_mode, bn_groups, next(backbone.parameters()).device)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_k.requires_grad_(False)
+        self.queue = KeyQueue(queue_size, dim) if version != "v3" else None
+        self.key_bn_buffers = key_bn_buffers
+        self.cuda_graph_ema = cuda_graph_ema
+        self._updater: MomentumUpdater | None = None
+
+    def momentum_update(self, momentum: float) -> None:
+        """key encoder <- momentum * key encoder + (1 - momentum) * query encoder."""
+        if self._updater is None:  # built on first use: moving the module replaces its buffers
+            self._updater = MomentumUpdater(self.encoder_q, self.encoder_k, self.key_bn_buffers, self.cuda_graph_ema)
+        self._updater(momentum)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.encoder_q(x)
+        return self.predictor(q) if self.predictor is not None else q
+
+    @torch.no_grad()
+    def _key(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        if not self.shuffle_keys:
+            return F.normalize(self.encoder_k(x), dim=1)
+        plan = shuffle_bn.plan_for_step(self.shuffle_seed, step, x.shape[0], x.device)
+        k = self.encoder_k(shuffle_bn.shuffle(x, plan))
+        return F.normalize(shuffle_bn.unshuffle(k, plan), dim=1)
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
+        if self.version == "v3":
+            return self._forward_v3(view1, view2, momentum, step)
+        q = F.normalize(self._query(view1), dim=1)
+        self.momentum_update(momentum)
+        k = self._key(view2, step)
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = q.float(), k.float()
+            positive = (q * k).sum(dim=1, keepdim=True)
+            negatives = q @ self.queue.keys.clone().T
+            logits = torch.cat([positive, negatives], dim=1) / self.temperature
+            labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+            loss, accuracy = info_nce(logits, labels)
+        self.queue.enqueue(k)
+        return MocoOutput(loss, accuracy)
+
+    def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v3: each query against the keys of the whole global batch; its own key is the positive."""
+        with torch.autocast(q.device.type, enabled=False):
+            q = F.normalize(q.float(), dim=1)
+            keys = all_gather_concat(k.float())
+            logits = q @ keys.T / self.temperature
+            labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
+            loss, accuracy = info_nce(logits, labels)
+        return loss * 2 * self.temperature, accuracy
+
+    def _forward_v3(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
+        q1, q2 = self._query(view1), self._query(view2)
+        self.momentum_update(momentum)
+        k1, k2 = self._key(view1, step), self._key(view2, step)
+        loss_12, acc_12 = self._contrast(q1, k2)
+        loss_21, acc_21 = self._contrast(q2, k1)
+        return MocoOutput(loss_12 + loss_21, (acc_12 + acc_21) / 2)

@@ -1,0 +1,129 @@
+"""Optimisers (SGD, LARS, AdamW; apex's fused kernels when apex imports) and the schedules.
+
+Schedules are pure functions of the step and the configured run length, never of when a run
+was stopped, so a resumed run follows the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+try:  # optional: NVIDIA apex's fused optimisers, when someone built it
+    from apex.optimizers import FusedSGD as ApexFusedSGD  # type: ignore[import-not-found]
+except ImportError:
+    ApexFusedSGD = None
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017), as MoCo v3 uses it.
+
+    Parameters with one dimension (biases, BN) get neither weight decay nor the trust ratio.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+    ):
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "trust_coefficient": trust_coefficient,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if p.ndim > 1:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    trust = torch.where(
+                        (param_norm > 0) & (update_norm > 0),
+                        group["trust_coefficient"] * param_norm / update_norm,
+                        torch.ones_like(param_norm),
+                    )
+                    grad = grad.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(grad)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, exclude_1d: bool) -> list[dict]:
+    """Trainable parameters, with weight decay off for biases and BN when ``exclude_1d``."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if exclude_1d and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.999),
+    trust_coefficient: float = 0.001,
+    device_type: str = "cpu",
+) -> torch.optim.Optimizer:
+    """SGD (MoCo v1/v2), LARS (v3) or AdamW, with torch's fused/foreach kernels where they apply."""
+    if name == "sgd":
+        groups = parameter_groups(model, weight_decay, exclude_1d=False)
+        if ApexFusedSGD is not None and device_type == "cuda":
+            return ApexFusedSGD(groups, lr=lr, momentum=momentum)
+        fused = device_type == "cuda"
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None, foreach=None if fused else True)
+    if name == "lars":
+        return LARS(
+            parameter_groups(model, weight_decay, exclude_1d=False),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+        )
+    if name == "adamw":
+        groups = parameter_groups(model, weight_decay, exclude_1d=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda" or None)
+    raise ValueError(f"unknown optimizer {name!r}; choices: sgd, lars, adamw")
+
+
+def learning_rate(
+    step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0, schedule: str = "cosine"
+) -> float:
+    """Linear warm-up to ``peak_lr``, then cosine decay to 0 at ``total_steps`` (or constant)."""
+    if warmup_steps and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def key_momentum(step: int, total_steps: int, base_momentum: float, schedule: str = "constant") -> float:
+    """MoCo v1/v2: constant. MoCo v3: cosine from ``base_momentum`` to 1."""
+    if schedule == "constant":
+        return base_momentum
+    progress = min(1.0, step / max(1, total_steps))
+    return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * progress))
