@@ -51,7 +51,9 @@ def seed_everything(seed: int) -> None:
 def pretrain(cfg: Config, shards: list[str]) -> None:
     ctx = init_distributed(cfg.engine.device)
     global_batch = cfg.train.batch_size * ctx.world_size
-    total_steps = cfg.train.max_steps or cfg.train.epochs * math.ceil(count_samples(shards) / global_batch)
+    steps_per_epoch = math.ceil(count_samples(shards) / global_batch)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup_steps = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.optim.base_lr * global_batch / 256
     run_dir = Path(cfg.train.run_dir)
     if ctx.is_main:
@@ -114,7 +116,7 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
         view1, view2, _ = next(batches)
         view1 = view1.to(ctx.device, non_blocking=True, memory_format=memory_format)
         view2 = view2.to(ctx.device, non_blocking=True, memory_format=memory_format)
-        lr = learning_rate(step, total_steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.schedule)
+        lr = learning_rate(step, total_steps, peak_lr, warmup_steps, cfg.optim.schedule, cfg.optim.step_milestones)
         momentum = key_momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
         out = engine.train_step(view1, view2, lr=lr, momentum=momentum, step=step)
         logger.advance()

@@ -44,7 +44,7 @@ class ModelConfig:
 class MocoConfig:
     version: Literal["v1", "v2", "v3"] = "v2"
     dim: int = 128
-    mlp_dim: int = 2048  # hidden width of the MLP heads (v2: backbone width; v3: 4096)
+    mlp_dim: int = 0  # hidden width of the MLP heads; 0: the backbone's feature width (v2); v3 uses 4096
     queue_size: int = 65536  # K; ignored by v3
     momentum: float = 0.999  # m at step 0
     momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: m -> 1 (v3)
@@ -61,7 +61,9 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 0.0  # used when warmup_steps is 0
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_milestones: tuple[float, float] = (0.6, 0.8)  # step: lr x 0.1 at these fractions of the run
     betas: tuple[float, float] = (0.9, 0.999)  # adamw only
     trust_coefficient: float = 0.001  # lars only
 
@@ -235,7 +237,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     positive = {
         "model.width": cfg.model.width,
         "moco.dim": m.dim,
-        "moco.mlp_dim": m.mlp_dim,
         "moco.bn_groups": m.bn_groups,
         "train.batch_size": t.batch_size,
         "train.log_every": t.log_every,
@@ -250,6 +251,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     non_negative = {
         "train.max_steps": t.max_steps,
         "optim.warmup_steps": o.warmup_steps,
+        "optim.warmup_epochs": o.warmup_epochs,
+        "moco.mlp_dim": m.mlp_dim,
         "optim.weight_decay": o.weight_decay,
         "data.workers": cfg.data.workers,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,

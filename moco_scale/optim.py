@@ -110,13 +110,21 @@ def build_optimizer(
 
 
 def learning_rate(
-    step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0, schedule: str = "cosine"
+    step: int,
+    total_steps: int,
+    peak_lr: float,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    milestones: tuple[float, ...] = (0.6, 0.8),
 ) -> float:
-    """Linear warm-up to ``peak_lr``, then cosine decay to 0 at ``total_steps`` (or constant)."""
+    """Linear warm-up to ``peak_lr``, then cosine decay to 0 at ``total_steps``, or x0.1 at each
+    milestone (a fraction of the run; MoCo v1's 120 and 160 of 200 epochs), or constant."""
     if warmup_steps and step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return peak_lr
+    if schedule == "step":
+        return peak_lr * 0.1 ** sum(step >= m * total_steps for m in milestones)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

@@ -1,0 +1,111 @@
+"""Typed configs: YAML + overrides, one-line errors, the shipped paper configs, the generated DeepSpeed JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, save_config, validate
+from moco_scale.engine.deepspeed import deepspeed_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(
+        CONFIGS / "demo.yaml",
+        {
+            "train.max_steps": "50",
+            "moco.momentum": "0.999",
+            "engine.precision": "bf16",
+            "train.progress": "false",
+            "optim.betas": "(0.9, 0.95)",
+            "model.arch": "resnet50",
+            "moco.queue_size": 65536,
+            "engine.zero_stage": 2,
+        },
+    )
+    assert cfg.train.max_steps == 50 and cfg.moco.momentum == 0.999 and cfg.engine.precision == "bf16"
+    assert cfg.train.progress is False and cfg.optim.betas == (0.9, 0.95) and cfg.engine.zero_stage == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"bogus.x": 1}, "unknown section 'bogus'.*sections: data, model"),
+        ({"train.max_stepz": 1}, "unknown field 'train.max_stepz'.*max_steps"),
+        ({"train.max_steps": "abc"}, "train.max_steps: expected an integer, got 'abc'"),
+        ({"moco.momentum": "fast"}, "moco.momentum: expected a number, got 'fast'"),
+        ({"moco.momentum": 1.0}, r"moco.momentum must be in \[0, 1\), got 1.0"),
+        ({"moco.momentum": -0.1}, r"moco.momentum must be in \[0, 1\)"),
+        ({"model.arch": "resnet51"}, "unknown arch 'resnet51'; choices: resnet18"),
+        ({"engine.precision": "fp8"}, "engine.precision: 'fp8' is not one of auto, fp32, bf16, fp16"),
+        ({"train.progress": "maybe"}, "train.progress: expected true or false"),
+        ({"train.batch_size": 0}, "train.batch_size must be > 0"),
+        ({"engine.zero_stage": 3}, "engine.zero_stage must be 0, 1 or 2"),
+        ({"moco.version": "v3", "moco.shuffle_bn": "shuffle"}, "MoCo v3 uses sync or none"),
+        ({"train": 5}, "names a section, not a field"),
+    ],
+)
+def test_bad_values_get_one_line_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(CONFIGS / "demo.yaml", overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_world_size_dependent_checks() -> None:
+    cfg = load_config(CONFIGS / "demo.yaml", {"moco.queue_size": 100, "train.batch_size": 64})
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="queue_size=100 is smaller than the global batch 128"):
+        validate(cfg, world_size=2)
+    cfg = load_config(CONFIGS / "demo.yaml", {"train.batch_size": 30, "moco.bn_groups": 4})
+    with pytest.raises(ConfigError, match="batch_size=30 is not divisible by moco.bn_groups=4"):
+        validate(cfg, world_size=1)
+    validate(cfg, world_size=2)  # across ranks the shuffle is an all_to_all: no groups needed
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "flat.yaml").write_text("max_steps: 3\n")
+    with pytest.raises(ConfigError, match="top-level key 'max_steps' must be a section"):
+        load_config(tmp_path / "flat.yaml")
+
+
+def test_paper_defaults() -> None:
+    v2 = load_config(CONFIGS / "mocov2_r50.yaml")
+    assert (v2.moco.version, v2.moco.queue_size, v2.moco.momentum, v2.moco.temperature) == ("v2", 65536, 0.999, 0.2)
+    assert (v2.optim.name, v2.optim.base_lr, v2.optim.schedule, v2.train.epochs) == ("sgd", 0.03, "cosine", 200)
+    assert v2.data.augmentation == "v2" and v2.model.arch == "resnet50"
+    v1 = load_config(CONFIGS / "mocov1_r50.yaml")
+    assert (v1.moco.version, v1.moco.temperature, v1.optim.schedule, v1.data.augmentation) == ("v1", 0.07, "step", "v1")
+    v3 = load_config(CONFIGS / "mocov3_r50.yaml")
+    assert (v3.moco.version, v3.moco.temperature, v3.moco.momentum, v3.moco.momentum_schedule) == (
+        "v3",
+        1.0,
+        0.99,
+        "cosine",
+    )
+    assert (v3.optim.name, v3.optim.base_lr, v3.optim.warmup_epochs, v3.moco.shuffle_bn) == ("lars", 0.6, 10, "sync")
+    assert (v3.moco.dim, v3.moco.mlp_dim) == (256, 4096)
+    assert Config().moco.queue_size == 65536 and Config().moco.momentum == 0.999
+
+
+def test_fire_style_overrides_and_round_trip(tmp_path: Path) -> None:
+    assert parse_cli_overrides({"train.max_steps": 5, "moco": {"dim": 64}}) == {"train.max_steps": 5, "moco.dim": 64}
+    cfg = load_config(CONFIGS / "mocov3_r50.yaml", {"train.max_steps": 7})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_deepspeed_json_is_generated_from_the_config() -> None:
+    ds = deepspeed_config("bf16", 2, micro_batch=32, world_size=4)
+    assert ds["train_batch_size"] == 128 and ds["zero_optimization"]["stage"] == 2
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in ds and "fp16" not in ds  # DeepSpeed's own casts break BatchNorm buffers
+    assert "torch_autocast" not in deepspeed_config("fp32", 0, 8, 1)
+    assert deepspeed_config("fp16", 1, 8, 2)["torch_autocast"]["dtype"] == "float16"
