@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -80,7 +81,7 @@ def test_key_momentum_cosine_to_one() -> None:
     assert key_momentum(50, 100, 0.99, "cosine") == pytest.approx(0.995)
     assert key_momentum(100, 100, 0.99, "cosine") == pytest.approx(1.0)
     values = [key_momentum(s, 100, 0.99, "cosine") for s in range(101)]
-    assert all(a <= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(values))
     assert math.isclose(values[25], 1 - 0.01 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
