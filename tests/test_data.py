@@ -1,0 +1,103 @@
+"""Shards, the demo data and the two-view loader, on the real demo JPEGs."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from moco_scale.data.augment import moco_views
+from moco_scale.data.shards import DataError, count_samples, list_shards, write_shards
+from moco_scale.data.torch_loader import TwoViewStream, two_view_loader
+
+
+def _read_tar(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _demo_samples(demo_shards: dict[str, Path], n: int) -> list[tuple[str, bytes, int]]:
+    members = _read_tar(sorted(demo_shards["val"].glob("*.tar"))[0])
+    keys = sorted({name.split(".")[0] for name in members})[:n]
+    return [(k, members[f"{k}.jpg"], int(members[f"{k}.cls"])) for k in keys]
+
+
+def test_shards_round_trip_byte_identical(tmp_path: Path, demo_shards: dict[str, Path]) -> None:
+    samples = _demo_samples(demo_shards, 25)
+    shards = write_shards(samples, tmp_path, samples_per_shard=10, prefix="t", class_names=["a"])
+    assert [p.name for p in shards] == ["t-000000.tar", "t-000001.tar", "t-000002.tar"]
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+    members: dict[str, bytes] = {}
+    for shard in shards:
+        members.update(_read_tar(shard))
+    for key, jpeg, label in samples:
+        assert members[f"{key}.jpg"] == jpeg and int(members[f"{key}.cls"]) == label
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["samples"] == 25 and [s["samples"] for s in manifest["shards"]] == [10, 10, 5]
+    assert count_samples([str(s) for s in shards]) == 25
+    (tmp_path / "manifest.json").unlink()
+    assert count_samples([str(s) for s in shards]) == 25  # counted by reading when there is no manifest
+
+
+def test_demo_data_is_real_digits(demo_shards: dict[str, Path]) -> None:
+    assert count_samples(list_shards(str(demo_shards["train"]))) == 1497
+    assert count_samples(list_shards(str(demo_shards["val"]))) == 300
+    _, jpeg, label = _demo_samples(demo_shards, 1)[0]
+    image = Image.open(io.BytesIO(jpeg))
+    assert image.size == (32, 32) and image.mode == "RGB" and 0 <= label <= 9
+
+
+def test_list_shards_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        list_shards(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="holds no .tar shards"):
+        list_shards(str(tmp_path))
+    with pytest.raises(DataError, match="no .tar shards match"):
+        list_shards(str(tmp_path / "*.tar"))
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(DataError, match="is not a .tar shard"):
+        list_shards(str(tmp_path / "x.txt"))
+
+
+def test_two_views_differ_and_have_the_configured_shape(demo_shards: dict[str, Path]) -> None:
+    torch.manual_seed(0)
+    loader = two_view_loader(
+        list_shards(str(demo_shards["val"])),
+        moco_views("v2", 24),
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        workers=0,
+        shuffle_buffer=16,
+    )
+    view1, view2, labels = next(iter(loader))
+    assert view1.shape == view2.shape == (8, 3, 24, 24) and view1.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() <= 9
+    assert (view1 - view2).abs().mean() > 0.1
+    assert -3 < view1.mean() < 3  # normalised
+
+
+@pytest.mark.parametrize("world", [2, 3, 16])
+def test_readers_split_an_epoch_without_overlap(demo_shards: dict[str, Path], world: int) -> None:
+    shards = list_shards(str(demo_shards["train"]))
+    seen: list[str] = []
+    for rank in range(world):
+        stream = TwoViewStream(shards, moco_views("v2", 32), rank, world, seed=3)
+        seen += [s["__key__"] for s in stream._epoch_samples(epoch=0)]
+    assert len(seen) == len(set(seen)) == 1497
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, demo_shards: dict[str, Path]) -> None:
+    samples = _demo_samples(demo_shards, 6)
+    samples[2] = (samples[2][0], b"not a jpeg", 1)
+    samples[4] = (samples[4][0], samples[4][1][:40], 1)  # truncated
+    write_shards(samples, tmp_path, samples_per_shard=100)
+    stream = TwoViewStream(list_shards(str(tmp_path)), moco_views("v2", 16), 0, 1, shuffle_buffer=1)
+    items = iter(stream)
+    good = [next(items) for _ in range(4)]
+    assert stream.bad_samples == 2 and len(good) == 4
