@@ -269,6 +269,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"moco.queue_size must be > 0 for MoCo {m.version}, got {m.queue_size}")
     if m.version == "v3" and m.shuffle_bn == "shuffle":
         raise ConfigError("moco.shuffle_bn=shuffle is for v1/v2; MoCo v3 uses sync or none")
+    pending = {
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.resume": cfg.checkpoint.resume,
+        "eval.every_steps": cfg.eval.every_steps,
+    }
+    for name, value in pending.items():
+        if value:
+            raise ConfigError(f"{name}={value!r}: checkpointing and evaluation are not implemented yet")
     if world_size is not None:
         global_batch = t.batch_size * world_size
         if m.version != "v3" and m.queue_size < global_batch:

@@ -46,6 +46,7 @@ def test_overrides_are_typed() -> None:
         ({"engine.zero_stage": 3}, "engine.zero_stage must be 0, 1 or 2"),
         ({"moco.version": "v3", "moco.shuffle_bn": "shuffle"}, "MoCo v3 uses sync or none"),
         ({"train": 5}, "names a section, not a field"),
+        ({"checkpoint.every_steps": 10}, "checkpoint.every_steps=10: checkpointing and evaluation are not implemented"),
     ],
 )
 def test_bad_values_get_one_line_errors(overrides: dict, message: str) -> None:

@@ -74,6 +74,10 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+# torch >= 2.14 renamed all_gather_into_tensor; keep older releases (a GPU box's torch) working.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @torch.no_grad()
 def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0, in rank order (no gradient)."""
@@ -81,5 +85,5 @@ def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     tensor = tensor.contiguous()
     out = torch.empty((world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_single(out, tensor)
+    _all_gather_single(out, tensor)
     return out

@@ -1,0 +1,28 @@
+"""Every benchmark runs in its smoke mode and writes its JSON; their figures live in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("script", "key"), [("ema.py", "ratio_vs_copy"), ("shuffle_bn.py", "ratio_vs_reference")])
+def test_benchmark_smoke(tmp_path: Path, script: str, key: str) -> None:
+    out = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    value = json.loads(out.read_text())[key]
+    assert isinstance(value, float) and value > 0
+    assert "|" in result.stdout  # the printed table
