@@ -13,7 +13,7 @@ from PIL import Image
 
 from moco_scale.data.augment import moco_views
 from moco_scale.data.shards import DataError, count_samples, list_shards, write_shards
-from moco_scale.data.torch_loader import TwoViewStream, two_view_loader
+from moco_scale.data.torch_loader import TwoViewStream, split_epoch, two_view_loader
 
 
 def _read_tar(path: Path) -> dict[str, bytes]:
@@ -83,13 +83,56 @@ def test_two_views_differ_and_have_the_configured_shape(demo_shards: dict[str, P
 
 
 @pytest.mark.parametrize("world", [2, 3, 16])
-def test_readers_split_an_epoch_without_overlap(demo_shards: dict[str, Path], world: int) -> None:
-    shards = list_shards(str(demo_shards["train"]))
-    seen: list[str] = []
-    for rank in range(world):
-        stream = TwoViewStream(shards, moco_views("v2", 32), rank, world, seed=3)
-        seen += [s["__key__"] for s in stream._epoch_samples(epoch=0)]
-    assert len(seen) == len(set(seen)) == 1497
+def test_every_sample_once_per_epoch_across_ranks(demo_shards: dict[str, Path], world: int) -> None:
+    shards = list_shards(str(demo_shards["train"]))  # 8 shards: world 16 has more ranks than shards
+    orders = {}
+    for epoch in (0, 1):
+        seen: list[str] = []
+        for rank in range(world):
+            stream = TwoViewStream(shards, moco_views("v2", 32), rank, world, seed=3, shuffle_buffer=50)
+            raw = stream.raw_stream()
+            per_rank = [next(raw) for _ in range(1497 // world * (epoch + 1))][-(1497 // world) :]
+            assert {e for e, _, _ in per_rank} == {epoch}
+            seen += [s["__key__"] for _, _, s in per_rank]
+        assert len(seen) == len(set(seen)) == 1497 - 1497 % world  # the remainder is < world
+        orders[epoch] = seen
+    assert orders[0] != orders[1]  # the order changes every epoch
+
+
+def test_split_epoch_covers_each_sample_once() -> None:
+    sizes = {"a": 5, "b": 3, "c": 4}
+    for parts in (1, 2, 3, 5, 12):
+        taken = [
+            (s.shard, i)
+            for p in range(parts)
+            for s in split_epoch(sizes, 0, 1, p, parts)
+            for i in range(s.first, s.end)
+        ]
+        assert len(taken) == len(set(taken)) == 12 - 12 % parts
+
+
+def _batches(loader, n: int) -> list[torch.Tensor]:
+    it = iter(loader)
+    return [torch.cat([v1.flatten(1), v2.flatten(1)], 1) for v1, v2, _ in (next(it) for _ in range(n))]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_reported_position_gives_the_same_batches(demo_shards: dict[str, Path], workers: int) -> None:
+    shards = list_shards(str(demo_shards["val"]))
+    kwargs = dict(
+        views=moco_views("v2", 16), batch_size=8, rank=1, world_size=2, workers=workers, seed=5, shuffle_buffer=20
+    )
+    uninterrupted = _batches(two_view_loader(shards, **kwargs), 12)  # crosses the 150-sample epoch boundary
+    resumed = _batches(two_view_loader(shards, start_batch=7, **kwargs), 5)
+    for a, b in zip(uninterrupted[7:], resumed, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(uninterrupted[7], uninterrupted[8])
+
+
+def test_too_few_samples_for_the_readers(demo_shards: dict[str, Path], tmp_path: Path) -> None:
+    write_shards(_demo_samples(demo_shards, 3), tmp_path)
+    with pytest.raises(DataError, match="3 samples cannot feed 2 ranks x 2 loader workers"):
+        two_view_loader(list_shards(str(tmp_path)), moco_views("v2", 16), 1, 0, 2, workers=2)
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, demo_shards: dict[str, Path]) -> None:

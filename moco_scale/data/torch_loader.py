@@ -1,8 +1,16 @@
-"""The webdataset + torchvision two-view loader (the fallback backend, and the one used today).
+"""The webdataset + torchvision two-view loader (the fallback backend).
 
-Shards are split across (rank, worker) readers; each epoch visits them in an order drawn from
-(seed, epoch). With fewer shards than readers, every reader streams all shards and keeps every
-n-th sample, so any world size works. Samples that fail to decode are skipped and counted.
+Sharding. Each epoch, the shards are put in an order drawn from (seed, epoch) and their samples
+laid end to end; rank r takes the r-th of W equal contiguous blocks, so every sample is seen
+exactly once per epoch across all ranks, except the last ``N mod W`` samples of that epoch's
+order (fewer than W), which are dropped. Any world size works, including more ranks than
+shards. Within a rank, workers split the block the same way, and a seeded shuffle buffer mixes
+samples. Each sample's augmentation is seeded by (seed, epoch, its position in the epoch), so the
+views do not depend on which worker drew them.
+
+Resuming. The stream is a pure function of (seed, rank, world size, workers, batch size), so
+``start_batch=n`` restarts exactly after the n-th batch this rank consumed: each worker skips
+its share of the undecoded samples.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import webdataset as wds
@@ -18,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
+from moco_scale.data.shards import DataError, count_samples
 
 
 def view_transform(spec: ViewSpec) -> T.Compose:
@@ -48,8 +58,33 @@ def decode_sample(sample: dict) -> tuple[Image.Image, int]:
     return image.convert("RGB"), label
 
 
+@dataclass(frozen=True)
+class Span:
+    """Samples ``[first, end)`` of ``shard``, which start at ``offset`` in the epoch's order."""
+
+    shard: str
+    first: int
+    end: int
+    offset: int
+
+
+def split_epoch(sizes: dict[str, int], seed: int, epoch: int, part: int, parts: int) -> list[Span]:
+    """Part ``part`` of ``parts`` equal contiguous blocks of the epoch's sample order."""
+    order = sorted(sizes)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    per_part = sum(sizes.values()) // parts
+    start, stop = part * per_part, (part + 1) * per_part
+    spans, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(stop, offset + sizes[shard])
+        if lo < hi:
+            spans.append(Span(shard, lo - offset, hi - offset, offset))
+        offset += sizes[shard]
+    return spans
+
+
 class TwoViewStream(IterableDataset):
-    """An endless stream of ``(view1, view2, label)`` over epochs of WebDataset shards."""
+    """An endless stream of ``(view1, view2, label)`` for one rank, over epochs of WebDataset shards."""
 
     def __init__(
         self,
@@ -59,58 +94,84 @@ class TwoViewStream(IterableDataset):
         world_size: int,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        skip_per_worker: tuple[int, ...] = (),
+        worker_offset: int = 0,
     ):
-        self.shards = shards
+        self.sizes = {shard: count_samples([shard]) for shard in shards}
         self.transforms = (view_transform(views[0]), view_transform(views[1]))
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.skip_per_worker, self.worker_offset = skip_per_worker, worker_offset
         self.bad_samples = 0
 
-    def _reader(self) -> tuple[int, int]:
+    def _worker(self) -> tuple[int, int]:
+        """(reader id, readers) of this worker. A resumed loader's first batch comes from worker 0, but
+        belongs to reader ``start_batch % readers``: ids are rotated by ``worker_offset`` to match."""
         info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        if info is None:
+            return 0, 1
+        return (info.id + self.worker_offset) % info.num_workers, info.num_workers
 
-    def _epoch_samples(self, epoch: int) -> Iterator[dict]:
-        reader, readers = self._reader()
-        order = list(self.shards)
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        per_shard = len(order) >= readers
-        mine = order[reader::readers] if per_shard else order
-        stream = wds.WebDataset(
-            mine,
-            shardshuffle=False,
-            nodesplitter=None,
-            workersplitter=None,
-            empty_check=False,
-            handler=wds.warn_and_continue,
-        )
-        for i, sample in enumerate(stream):
-            if per_shard or i % readers == reader:
-                yield sample
+    def _epoch_samples(self, epoch: int) -> Iterator[tuple[int, dict]]:
+        """This reader's ``(position in the epoch, raw sample)`` pairs, in shard order."""
+        worker, workers = self._worker()
+        readers = self.world_size * workers
+        for span in split_epoch(self.sizes, self.seed, epoch, self.rank * workers + worker, readers):
+            stream = wds.WebDataset(
+                [span.shard],
+                shardshuffle=False,
+                nodesplitter=None,
+                workersplitter=None,
+                empty_check=False,
+                handler=wds.warn_and_continue,
+            )
+            for index, sample in enumerate(stream):
+                if index >= span.end:
+                    break
+                if index >= span.first:
+                    yield span.offset + index, sample
 
-    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        buffer: list[dict] = []
-        for sample in samples:
-            buffer.append(sample)
+    def _shuffled(self, samples: Iterator[tuple[int, dict]], rng: random.Random) -> Iterator[tuple[int, dict]]:
+        buffer: list[tuple[int, dict]] = []
+        for item in samples:
+            buffer.append(item)
             if len(buffer) >= self.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        reader, _ = self._reader()
+    def raw_stream(self) -> Iterator[tuple[int, int, dict]]:
+        """Endless ``(epoch, position, raw sample)`` in the order this reader serves them."""
+        worker, _ = self._worker()
         epoch = 0
         while True:
-            rng = random.Random(f"{self.seed}/{epoch}/{reader}")
-            for sample in self._shuffled(self._epoch_samples(epoch), rng):
-                try:
-                    image, label = decode_sample(sample)
-                except (OSError, ValueError):
-                    self.bad_samples += 1
-                    continue
-                yield self.transforms[0](image), self.transforms[1](image), label
+            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+            served = 0
+            for position, sample in self._shuffled(self._epoch_samples(epoch), rng):
+                served += 1
+                yield epoch, position, sample
+            if not served:
+                raise DataError(f"rank {self.rank} worker {worker} read no samples in epoch {epoch}")
             epoch += 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        worker, _ = self._worker()
+        stream = self.raw_stream()
+        for _ in range(self.skip_per_worker[worker] if self.skip_per_worker else 0):
+            next(stream)  # resume: skip what was consumed, without decoding it
+        failed_in_a_row = 0
+        for epoch, position, sample in stream:
+            try:
+                image, label = decode_sample(sample)
+            except (OSError, ValueError):
+                self.bad_samples += 1
+                failed_in_a_row += 1
+                if failed_in_a_row > sum(self.sizes.values()):
+                    raise DataError("every sample failed to decode: the shards hold no usable image") from None
+                continue
+            failed_in_a_row = 0
+            torch.manual_seed(hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF)
+            yield self.transforms[0](image), self.transforms[1](image), label
 
 
 def two_view_loader(
@@ -123,9 +184,16 @@ def two_view_loader(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
+    start_batch: int = 0,
 ) -> DataLoader:
-    """Batches of ``(view1, view2, labels)`` for this rank, forever."""
-    stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer)
+    """Batches of ``(view1, view2, labels)`` for this rank, forever; ``start_batch`` resumes after that many."""
+    readers = max(1, workers)
+    total = count_samples(shards)
+    if total < world_size * readers:
+        raise DataError(f"{total} samples cannot feed {world_size} ranks x {readers} loader workers")
+    # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
+    skip = tuple(batch_size * len(range(w, start_batch, readers)) for w in range(readers))
+    stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, skip, start_batch % readers)
     return DataLoader(
         stream,
         batch_size=batch_size,
