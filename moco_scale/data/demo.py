@@ -17,7 +17,7 @@ from PIL import Image
 
 from moco_scale.data.shards import write_shards
 
-DEMO_VERSION = "digits-v1"
+DEMO_VERSION = "digits-v2"  # v2: with DALI .idx files
 IMAGE_SIZE = 32
 HELD_OUT = 300
 

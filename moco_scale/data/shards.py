@@ -1,14 +1,18 @@
-"""WebDataset shards: writing (``jpg`` + ``cls`` tar members, a JSON manifest) and finding them."""
+"""WebDataset shards: writing (``jpg`` + ``cls`` tar members, DALI ``.idx`` files, a JSON manifest) and finding them."""
 
 from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import os
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+INDEX_VERSION = "v1.2"
 
 
 class DataError(ValueError):
@@ -22,6 +26,94 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of a tar member, split at the first dot of its file name; None without one."""
+    start = name.rfind("/") + 1
+    dot = name.find(".", start)
+    if dot <= start:  # no extension, or a hidden file
+        return None
+    return name[:dot], name[dot + 1 :]
+
+
+def write_index(tar_path: str | Path, index_path: str | Path | None = None) -> Path:
+    """Write the DALI index of a shard (``X.idx`` beside ``X.tar`` unless ``index_path``); returns its path.
+
+    The format is ``wds2idx``'s v1.2, which ``fn.readers.webdataset(index_paths=...)`` reads: a line
+    ``v1.2 <samples>``, then a line per sample with ``<ext> <offset> <size> <member name>`` for each of
+    its members, where offset is that of the member's data from the start of the tar.
+    """
+    tar_path = Path(tar_path)
+    index_path = Path(index_path) if index_path is not None else tar_path.with_suffix(".idx")
+    samples: list[list[str]] = []
+    last_key = None
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for member in tar:
+                split = split_member(member.name) if member.isreg() else None
+                if split is None:
+                    continue
+                if any(ch.isspace() for ch in member.name):
+                    raise DataError(
+                        f"{tar_path}: member {member.name!r} has white space, which a DALI index cannot hold"
+                    )
+                key, ext = split
+                if key != last_key:
+                    samples.append([])
+                    last_key = key
+                samples[-1].append(f"{ext} {member.offset_data} {member.size} {member.name}")
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f"{tar_path}: not a readable uncompressed tar ({e})") from e
+    if not samples:
+        raise DataError(f"{tar_path}: holds no samples to index")
+    lines = [f"{INDEX_VERSION} {len(samples)}", *(" ".join(sample) for sample in samples)]
+    _write_atomically(index_path, "\n".join(lines) + "\n")
+    return index_path
+
+
+def write_shard(samples: Iterable[tuple[str, bytes, int]], path: str | Path) -> int:
+    """Write ``(key, jpeg_bytes, label)`` samples as one shard at ``path`` plus its ``.idx``; returns their number.
+
+    The shard is written under a temporary name and renamed when complete, so a crash never leaves a
+    truncated shard behind. With no samples nothing is written.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            for key, jpeg, label in samples:
+                _add_member(tar, f"{key}.jpg", jpeg)
+                _add_member(tar, f"{key}.cls", str(int(label)).encode())
+                count += 1
+        if count:
+            write_index(tmp, path.with_suffix(".idx"))
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
+
+
+def write_manifest(
+    out_dir: str | Path, shards: list[tuple[str, int]], class_names: list[str] | None, **extra: object
+) -> dict[str, Any]:
+    """Write ``manifest.json``: the ``(name, samples)`` of each shard, their total, the class names and ``extra``;
+    returns it."""
+    manifest = {
+        "shards": [{"name": name, "samples": n} for name, n in shards],
+        "samples": sum(n for _, n in shards),
+        "class_names": class_names,
+        **extra,
+    }
+    _write_atomically(Path(out_dir) / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest
+
+
 def write_shards(
     samples: Iterable[tuple[str, bytes, int]],
     out_dir: str | Path,
@@ -31,42 +123,20 @@ def write_shards(
 ) -> list[Path]:
     """Write ``(key, jpeg_bytes, label)`` samples as ``{prefix}-NNNNNN.tar`` shards plus ``manifest.json``.
 
-    Each shard is written under a temporary name and renamed when complete, so a crash never
-    leaves a truncated shard behind.
+    Each shard gets its ``.idx`` and is written atomically (see :func:`write_shard`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[Path] = []
-    counts: list[int] = []
-    tar: tarfile.TarFile | None = None
-    tmp_path = Path()
-
-    def close() -> None:
-        assert tar is not None
-        tar.close()
-        final = out_dir / f"{prefix}-{len(shards):06d}.tar"
-        os.replace(tmp_path, final)
-        shards.append(final)
-
-    for key, jpeg, label in samples:
-        if tar is None or counts[-1] == samples_per_shard:
-            if tar is not None:
-                close()
-            tmp_path = out_dir / f".{prefix}-{len(shards):06d}.tar.tmp"
-            tar = tarfile.open(tmp_path, "w")  # noqa: SIM115 (closed by close())
-            counts.append(0)
-        _add_member(tar, f"{key}.jpg", jpeg)
-        _add_member(tar, f"{key}.cls", str(int(label)).encode())
-        counts[-1] += 1
-    if tar is not None:
-        close()
-    manifest = {
-        "shards": [{"name": p.name, "samples": n} for p, n in zip(shards, counts, strict=True)],
-        "samples": sum(counts),
-        "class_names": class_names,
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return shards
+    stream = iter(samples)
+    written: list[tuple[Path, int]] = []
+    while True:
+        path = out_dir / f"{prefix}-{len(written):06d}.tar"
+        count = write_shard(itertools.islice(stream, samples_per_shard), path)
+        if not count:
+            break
+        written.append((path, count))
+    write_manifest(out_dir, [(p.name, n) for p, n in written], class_names)
+    return [p for p, _ in written]
 
 
 def list_shards(path: str) -> list[str]:
