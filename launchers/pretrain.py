@@ -97,7 +97,7 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
 
     # From here on each rank draws its own augmentations.
     seed_everything(cfg.train.seed * 1000 + ctx.rank + 1)
-    loader = two_view_loader(
+    batches = two_view_loader(
         shards,
         moco_views(cfg.data.augmentation, cfg.data.image_size),
         cfg.train.batch_size,
@@ -110,7 +110,6 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
     )
     logger = MetricsLogger(run_dir, total_steps, enabled=ctx.is_main, progress=cfg.train.progress)
     model.train()
-    batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
     for step in range(total_steps):
         view1, view2, _ = next(batches)
@@ -134,6 +133,7 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
                     "lr": lr,
                     "momentum": momentum,
                     "pairs_per_s": window_steps * global_batch / elapsed,
+                    "bad_samples": batches.bad_samples,
                 }
             )
             window_start, window_steps = time.perf_counter(), 0

@@ -154,13 +154,12 @@ class TwoViewStream(IterableDataset):
                 raise DataError(f"rank {self.rank} worker {worker} read no samples in epoch {epoch}")
             epoch += 1
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
+        """``(view1, view2, label, bad samples so far)``; the count rides along so the main process can log it."""
         worker, _ = self._worker()
-        stream = self.raw_stream()
-        for _ in range(self.skip_per_worker[worker] if self.skip_per_worker else 0):
-            next(stream)  # resume: skip what was consumed, without decoding it
+        to_skip = self.skip_per_worker[worker] if self.skip_per_worker else 0
         failed_in_a_row = 0
-        for epoch, position, sample in stream:
+        for epoch, position, sample in self.raw_stream():
             try:
                 image, label = decode_sample(sample)
             except (OSError, ValueError):
@@ -170,8 +169,38 @@ class TwoViewStream(IterableDataset):
                     raise DataError("every sample failed to decode: the shards hold no usable image") from None
                 continue
             failed_in_a_row = 0
+            if to_skip:  # resume: pass over the good samples already consumed, without augmenting them
+                to_skip -= 1
+                continue
             torch.manual_seed(hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF)
-            yield self.transforms[0](image), self.transforms[1](image), label
+            yield self.transforms[0](image), self.transforms[1](image), label, self.bad_samples
+
+
+class TwoViewBatches:
+    """Iterates ``(view1, view2, labels)`` batches and keeps what a checkpoint and the log need."""
+
+    def __init__(self, loader: DataLoader, readers: int, start_batch: int):
+        self._batches = iter(loader)
+        self.readers = readers
+        self.batches = start_batch  # consumed by this rank since the start of the run
+        self._bad_by_reader = [0] * readers
+
+    def __iter__(self) -> TwoViewBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        view1, view2, labels, bad = next(self._batches)
+        self._bad_by_reader[self.batches % self.readers] = int(bad.max())
+        self.batches += 1
+        return view1, view2, labels
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples this rank skipped because they failed to decode."""
+        return sum(self._bad_by_reader)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches}
 
 
 def two_view_loader(
@@ -185,7 +214,7 @@ def two_view_loader(
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     start_batch: int = 0,
-) -> DataLoader:
+) -> TwoViewBatches:
     """Batches of ``(view1, view2, labels)`` for this rank, forever; ``start_batch`` resumes after that many."""
     readers = max(1, workers)
     total = count_samples(shards)
@@ -194,7 +223,7 @@ def two_view_loader(
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
     skip = tuple(batch_size * len(range(w, start_batch, readers)) for w in range(readers))
     stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, skip, start_batch % readers)
-    return DataLoader(
+    loader = DataLoader(
         stream,
         batch_size=batch_size,
         num_workers=workers,
@@ -202,3 +231,4 @@ def two_view_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
     )
+    return TwoViewBatches(loader, readers, start_batch)
