@@ -1,0 +1,215 @@
+"""The NVIDIA DALI two-view loader: the same views and sharding as :mod:`moco_scale.data.torch_loader`, faster.
+
+Each image is decoded once (on the GPU with ``device_id`` set, else on the CPU) and augmented twice,
+following the two :class:`~moco_scale.data.augment.ViewSpec` as torchvision applies them, in uint8
+between steps. Where DALI differs from torchvision: colour jitter uses a fixed order (brightness,
+contrast, saturation, hue) instead of a random one, and DALI's hue shift and saturation are a
+linear rotation and scaling of the chroma in YIQ space rather than exact HSV operations.
+
+Every rank reads a disjoint ``1 / world_size`` of the samples each epoch; the order of the tar
+shards is redrawn each epoch from ``seed`` (the same on all ranks) and samples are shuffled in a
+buffer. Unlike the torch loader, a sample without a decodable image stops the pipeline with an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
+
+if TYPE_CHECKING:
+    from nvidia.dali.data_node import DataNode
+    from nvidia.dali.pipeline import Pipeline
+    from nvidia.dali.tensors import TensorListCPU, TensorListGPU
+    from nvidia.dali.types import DALIDataType
+
+READER = "reader"
+ASPECT_RATIO = (3 / 4, 4 / 3)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+SOLARIZED = [float(v if v < 128 else 255 - v) for v in range(256)]  # torchvision's threshold 128
+
+
+def dali_available() -> bool:
+    """Whether DALI and its PyTorch plugin import."""
+    try:
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def index_paths(shards: list[str]) -> list[str] | None:
+    """The ``X.idx`` beside each ``X.tar`` when every shard has one; else None (DALI then indexes the tars)."""
+    paths = [str(Path(s).with_suffix(".idx")) for s in shards]
+    return paths if all(Path(p).is_file() for p in paths) else None
+
+
+def _uniform(low: float, high: float) -> float | DataNode:
+    """A per-sample draw from U(low, high), or the constant when the range is empty."""
+    from nvidia.dali import fn
+
+    return low if low == high else fn.random.uniform(range=[low, high])
+
+
+def _factor(strength: float) -> float | DataNode:
+    """torchvision's ColorJitter factor: U(max(0, 1 - strength), 1 + strength)."""
+    return _uniform(max(0.0, 1.0 - strength), 1.0 + strength)
+
+
+def _augment(image: DataNode, spec: ViewSpec, dtype: DALIDataType, layout: str) -> DataNode:
+    """One view of decoded HWC uint8 images; ``if`` on a DataNode is a per-sample branch (DALI conditionals)."""
+    from nvidia.dali import fn, types
+
+    x = fn.random_resized_crop(
+        image,
+        size=[spec.size, spec.size],
+        random_area=list(spec.crop_scale),
+        random_aspect_ratio=list(ASPECT_RATIO),
+        antialias=True,
+    )
+    brightness, contrast, saturation, hue = spec.jitter
+    if spec.jitter_p > 0 and fn.random.coin_flip(probability=spec.jitter_p, dtype=types.BOOL):
+        if brightness > 0 or contrast > 0:
+            # torchvision's contrast blends with the image's mean gray, not with mid-gray: pass it as the centre
+            # (argument inputs live on the CPU: .cpu() is a no-op there and a per-sample scalar copy on the GPU)
+            means = fn.reductions.mean(x, axes=[0, 1], dtype=types.FLOAT)
+            gray = sum(means[i] * w for i, w in enumerate(GRAY_WEIGHTS))
+            x = fn.brightness_contrast(
+                x, brightness=_factor(brightness), contrast=_factor(contrast), contrast_center=gray.cpu()
+            )
+        if saturation > 0 or hue > 0:
+            # torchvision's hue factor h shifts hue by U(-h, h) of a full turn; DALI's hue is in degrees: 360 h
+            x = fn.hsv(x, saturation=_factor(saturation), hue=_uniform(-360.0 * hue, 360.0 * hue))
+    if spec.grayscale_p > 0 and fn.random.coin_flip(probability=spec.grayscale_p, dtype=types.BOOL):
+        gray = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
+        x = fn.color_space_conversion(gray, image_type=types.GRAY, output_type=types.RGB)
+    if spec.blur_p > 0 and fn.random.coin_flip(probability=spec.blur_p, dtype=types.BOOL):
+        x = fn.gaussian_blur(x, window_size=spec.blur_kernel, sigma=_uniform(*spec.blur_sigma))
+    if spec.solarize_p > 0 and fn.random.coin_flip(probability=spec.solarize_p, dtype=types.BOOL):
+        x = fn.lookup_table(x, keys=list(range(256)), values=SOLARIZED, dtype=types.UINT8)
+    return fn.crop_mirror_normalize(
+        x,
+        mirror=fn.random.coin_flip(probability=spec.flip_p),
+        mean=[255.0 * m for m in IMAGENET_MEAN],
+        std=[255.0 * s for s in IMAGENET_STD],
+        dtype=dtype,
+        output_layout=layout,
+    )
+
+
+def build_two_view_pipeline(
+    shards: list[str],
+    views: tuple[ViewSpec, ViewSpec],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device_id: int | None,
+    num_threads: int,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    shuffle_buffer: int = 1000,
+) -> Pipeline:
+    """A DALI pipeline of ``(view1, view2, cls)`` batches for this rank; ``cls`` holds the raw text bytes.
+
+    Views come out in ``dtype`` when DALI has it (float32, float16; otherwise float32), CHW, or HWC
+    with ``channels_last``; on the GPU ``device_id`` when it is set, else on the CPU.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    out_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+    layout = "HWC" if channels_last else "CHW"
+
+    @pipeline_def(enable_conditionals=True)
+    def two_views() -> tuple[DataNode, DataNode, DataNode]:
+        jpeg, cls = fn.readers.webdataset(
+            paths=shards,
+            index_paths=index_paths(shards),
+            ext=["jpg;jpeg;png", "cls"],
+            missing_component_behavior="empty",  # no cls: label -1
+            shard_id=rank,
+            num_shards=world_size,
+            random_shuffle=True,
+            initial_fill=shuffle_buffer,
+            shuffle_after_epoch=True,
+            shuffle_after_epoch_seed=seed,
+            name=READER,
+        )
+        image = fn.decoders.image(jpeg, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
+        return _augment(image, views[0], out_dtype, layout), _augment(image, views[1], out_dtype, layout), cls
+
+    return two_views(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed * world_size + rank,
+    )
+
+
+def cls_labels(cls: TensorListCPU) -> torch.Tensor:
+    """int64 labels from a batch of ``cls`` texts; -1 where a sample has none."""
+    texts = [cls.at(i).tobytes() for i in range(len(cls))]
+    return torch.tensor([int(t) if t.strip() else -1 for t in texts], dtype=torch.int64)
+
+
+class DaliTwoViewLoader:
+    """Batches of ``(view1, view2, labels)`` for this rank, forever, like ``two_view_loader``'s.
+
+    Views are ``(B, 3, size, size)`` in ``dtype`` (channels_last memory format when asked), on the
+    GPU ``device_id`` when it is set; labels are int64 on the CPU. The DALI reader wraps around at
+    each epoch end by itself, so the stream never stops; ``samples_per_epoch`` is this rank's share.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        views: tuple[ViewSpec, ViewSpec],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        device_id: int | None = None,
+        num_threads: int = 4,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        shuffle_buffer: int = 1000,
+    ):
+        self.pipe = build_two_view_pipeline(
+            shards,
+            views,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            device_id,
+            num_threads,
+            dtype,
+            channels_last,
+            shuffle_buffer,
+        )
+        self.pipe.build()
+        total = self.pipe.reader_meta(READER)["epoch_size"]
+        self.samples_per_epoch = total * (rank + 1) // world_size - total * rank // world_size
+        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+        self.dtype, self.channels_last = dtype, channels_last
+
+    def __iter__(self) -> DaliTwoViewLoader:
+        return self
+
+    def _to_torch(self, views: TensorListCPU | TensorListGPU) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        dense = views.as_tensor()
+        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, out, cuda_stream=stream)
+        if self.channels_last:
+            out = out.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last strides
+        return out.to(self.dtype)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        view1, view2, cls = self.pipe.run()
+        return self._to_torch(view1), self._to_torch(view2), cls_labels(cls)
