@@ -25,8 +25,8 @@ import torch.distributed as dist
 from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, save_config, validate
 from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
+from moco_scale.data.loader import resolve_backend, two_view_batches
 from moco_scale.data.shards import DataError, count_samples, list_shards
-from moco_scale.data.torch_loader import two_view_loader
 from moco_scale.dist.comm import init_distributed
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.metrics import MetricsLogger
@@ -97,7 +97,8 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
 
     # From here on each rank draws its own augmentations.
     seed_everything(cfg.train.seed * 1000 + ctx.rank + 1)
-    batches = two_view_loader(
+    batches = two_view_batches(
+        cfg.data.backend,
         shards,
         moco_views(cfg.data.augmentation, cfg.data.image_size),
         cfg.train.batch_size,
@@ -106,7 +107,8 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
         cfg.data.workers,
         cfg.data.seed,
         cfg.data.shuffle_buffer,
-        pin_memory=ctx.device.type == "cuda",
+        ctx.device,
+        channels_last,
     )
     logger = MetricsLogger(run_dir, total_steps, enabled=ctx.is_main, progress=cfg.train.progress)
     model.train()
@@ -133,7 +135,7 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
                     "lr": lr,
                     "momentum": momentum,
                     "pairs_per_s": window_steps * global_batch / elapsed,
-                    "bad_samples": batches.bad_samples,
+                    **({"bad_samples": batches.bad_samples} if hasattr(batches, "bad_samples") else {}),
                 }
             )
             window_start, window_steps = time.perf_counter(), 0
@@ -150,6 +152,7 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
     try:
         cfg = load_config(config, parse_cli_overrides(overrides))
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        resolve_backend(cfg.data.backend)
         shards = resolve_train_shards(cfg.data.path)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

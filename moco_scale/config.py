@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = "demo"  # "demo" (built-in shards), a folder of .tar shards, or a glob
+    backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed
     image_size: int = 224
     augmentation: Literal["v1", "v2", "v3"] = "v2"
     workers: int = 4

@@ -1,0 +1,59 @@
+"""Picks the two-view loader: DALI (GPU decode on a GPU, CPU otherwise) or the webdataset + torchvision fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from moco_scale.data.augment import ViewSpec
+from moco_scale.data.dali import DaliTwoViewLoader, dali_available
+from moco_scale.data.shards import DataError
+from moco_scale.data.torch_loader import two_view_loader
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` is DALI when it imports, else torch; asking for DALI without it is a :class:`DataError`."""
+    if backend == "auto":
+        return "dali" if dali_available() else "torch"
+    if backend == "dali" and not dali_available():
+        raise DataError("data.backend=dali but NVIDIA DALI is not installed (pip install -e '.[dali]')")
+    return backend
+
+
+def two_view_batches(
+    backend: str,
+    shards: list[str],
+    views: tuple[ViewSpec, ViewSpec],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    seed: int,
+    shuffle_buffer: int,
+    device: torch.device,
+    channels_last: bool = False,
+) -> Iterator[Batch]:
+    """Endless ``(view1, view2, labels)`` batches for this rank from the resolved ``backend``.
+
+    DALI decodes on this rank's GPU (``mixed``) when ``device`` is CUDA and on the CPU otherwise,
+    with ``workers`` CPU threads; the torch loader runs ``workers`` DataLoader processes.
+    """
+    if resolve_backend(backend) == "dali":
+        return DaliTwoViewLoader(
+            shards,
+            views,
+            batch_size,
+            rank,
+            world_size,
+            seed=seed,
+            device_id=device.index if device.type == "cuda" else None,
+            num_threads=max(1, workers),
+            channels_last=channels_last,
+            shuffle_buffer=shuffle_buffer,
+        )
+    return two_view_loader(
+        shards, views, batch_size, rank, world_size, workers, seed, shuffle_buffer, pin_memory=device.type == "cuda"
+    )
