@@ -1,0 +1,44 @@
+"""Backend choice: DALI and the torch fallback serve the same batches' shapes through one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco_scale.data import loader
+from moco_scale.data.augment import moco_views
+from moco_scale.data.shards import DataError, list_shards
+
+
+def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert loader.resolve_backend("torch") == "torch"
+    monkeypatch.setattr(loader, "dali_available", lambda: False)
+    assert loader.resolve_backend("auto") == "torch"
+    with pytest.raises(DataError, match="data.backend=dali but NVIDIA DALI is not installed"):
+        loader.resolve_backend("dali")
+    monkeypatch.setattr(loader, "dali_available", lambda: True)
+    assert loader.resolve_backend("auto") == "dali"
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_both_backends_yield_two_view_batches(demo_shards: dict[str, Path], backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    batches = loader.two_view_batches(
+        backend,
+        list_shards(str(demo_shards["val"])),
+        moco_views("v2", 24),
+        8,
+        0,
+        1,
+        workers=1,
+        seed=0,
+        shuffle_buffer=16,
+        device=torch.device("cpu"),
+    )
+    view1, view2, labels = next(iter(batches))
+    assert view1.shape == view2.shape == (8, 3, 24, 24) and view1.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.shape == (8,) and 0 <= labels.min() <= labels.max() <= 9
+    assert not torch.equal(view1, view2)
