@@ -152,8 +152,8 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
     try:
         cfg = load_config(config, parse_cli_overrides(overrides))
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        resolve_backend(cfg.data.backend)
         shards = resolve_train_shards(cfg.data.path)
+        resolve_backend(cfg.data.backend, shards)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

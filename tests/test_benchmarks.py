@@ -9,10 +9,23 @@ from pathlib import Path
 
 import pytest
 
+from moco_scale.data.dali import dali_available
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("script", "key"), [("ema.py", "ratio_vs_copy"), ("shuffle_bn.py", "ratio_vs_reference")])
+@pytest.mark.parametrize(
+    ("script", "key"),
+    [
+        ("ema.py", "ratio_vs_copy"),
+        ("shuffle_bn.py", "ratio_vs_reference"),
+        pytest.param(
+            "data_throughput.py",
+            "ratio_vs_reference",
+            marks=pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI"),
+        ),
+    ],
+)
 def test_benchmark_smoke(tmp_path: Path, script: str, key: str) -> None:
     out = tmp_path / "result.json"
     result = subprocess.run(

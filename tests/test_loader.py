@@ -9,17 +9,23 @@ import torch
 
 from moco_scale.data import loader
 from moco_scale.data.augment import moco_views
-from moco_scale.data.shards import DataError, list_shards
+from moco_scale.data.shards import DataError, list_shards, write_shards
 
 
-def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert loader.resolve_backend("torch") == "torch"
+def test_backend_resolution(monkeypatch: pytest.MonkeyPatch, demo_shards: dict[str, Path], tmp_path: Path) -> None:
+    checked = list_shards(str(demo_shards["val"]))
+    write_shards([("k", b"not checked", 0)], tmp_path)
+    unchecked = list_shards(str(tmp_path))
+    assert loader.resolve_backend("torch", checked) == "torch"
     monkeypatch.setattr(loader, "dali_available", lambda: False)
-    assert loader.resolve_backend("auto") == "torch"
+    assert loader.resolve_backend("auto", checked) == "torch"
     with pytest.raises(DataError, match="data.backend=dali but NVIDIA DALI is not installed"):
-        loader.resolve_backend("dali")
+        loader.resolve_backend("dali", checked)
     monkeypatch.setattr(loader, "dali_available", lambda: True)
-    assert loader.resolve_backend("auto") == "dali"
+    assert loader.resolve_backend("auto", checked) == "dali"
+    assert loader.resolve_backend("auto", unchecked) == "torch"  # DALI would stop on a corrupt image
+    assert loader.resolve_backend("auto", checked + unchecked) == "torch"
+    assert loader.resolve_backend("dali", unchecked) == "dali"  # asked for explicitly
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

@@ -120,6 +120,7 @@ def test_corrupt_and_empty_files_are_skipped_and_listed(src: Path, built: Path) 
     bad = {Path(entry["path"]).name: entry["error"] for entry in manifest["bad_files"]}
     assert bad == {"bad.jpg": "ValueError: not an image format PIL can identify", "empty.jpg": "ValueError: empty file"}
     assert not any(name.startswith(("bad.", "empty.")) for name in _read_tars(_shards(built)))
+    assert manifest["decode_checked"] is True  # lets data.backend=auto pick DALI for these shards
 
 
 def test_shard_size_is_respected_and_shards_follow_input_order(built: Path) -> None:

@@ -8,16 +8,17 @@ import torch
 
 from moco_scale.data.augment import ViewSpec
 from moco_scale.data.dali import DaliTwoViewLoader, dali_available
-from moco_scale.data.shards import DataError
+from moco_scale.data.shards import DataError, all_decode_checked
 from moco_scale.data.torch_loader import two_view_loader
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def resolve_backend(backend: str) -> str:
-    """``auto`` is DALI when it imports, else torch; asking for DALI without it is a :class:`DataError`."""
+def resolve_backend(backend: str, shards: list[str]) -> str:
+    """``auto`` is DALI when it imports and every shard was decode-checked by its writer (DALI stops on
+    a corrupt image; the torch loader skips it), else torch. Asking for DALI without it is a :class:`DataError`."""
     if backend == "auto":
-        return "dali" if dali_available() else "torch"
+        return "dali" if dali_available() and all_decode_checked(shards) else "torch"
     if backend == "dali" and not dali_available():
         raise DataError("data.backend=dali but NVIDIA DALI is not installed (pip install -e '.[dali]')")
     return backend
@@ -41,7 +42,7 @@ def two_view_batches(
     DALI decodes on this rank's GPU (``mixed``) when ``device`` is CUDA and on the CPU otherwise,
     with ``workers`` CPU threads; the torch loader runs ``workers`` DataLoader processes.
     """
-    if resolve_backend(backend) == "dali":
+    if resolve_backend(backend, shards) == "dali":
         return DaliTwoViewLoader(
             shards,
             views,

@@ -264,6 +264,7 @@ def make_shards(
         shards,
         class_names,
         bad_files=bad_files,
+        decode_checked=True,
         source=str(src),
         inputs=len(inputs),
         shard_size=shard_size,

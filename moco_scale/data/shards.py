@@ -120,10 +120,12 @@ def write_shards(
     samples_per_shard: int = 1000,
     prefix: str = "shard",
     class_names: list[str] | None = None,
+    decode_checked: bool = False,
 ) -> list[Path]:
     """Write ``(key, jpeg_bytes, label)`` samples as ``{prefix}-NNNNNN.tar`` shards plus ``manifest.json``.
 
-    Each shard gets its ``.idx`` and is written atomically (see :func:`write_shard`).
+    Each shard gets its ``.idx`` and is written atomically (see :func:`write_shard`). Pass
+    ``decode_checked=True`` only when every image is known to decode (see :func:`all_decode_checked`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,8 +137,20 @@ def write_shards(
         if not count:
             break
         written.append((path, count))
-    write_manifest(out_dir, [(p.name, n) for p, n in written], class_names)
+    write_manifest(out_dir, [(p.name, n) for p, n in written], class_names, decode_checked=decode_checked)
     return [p for p, _ in written]
+
+
+def all_decode_checked(shards: list[str]) -> bool:
+    """Whether every shard is listed in a ``manifest.json`` whose writer decoded every image first."""
+    checked: set[str] = set()
+    for folder in {Path(s).parent for s in shards}:
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            content = json.loads(manifest.read_text())
+            if content.get("decode_checked"):
+                checked.update(str(folder / entry["name"]) for entry in content["shards"])
+    return all(str(Path(s)) in checked for s in shards)
 
 
 def list_shards(path: str) -> list[str]:
