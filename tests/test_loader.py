@@ -48,3 +48,28 @@ def test_both_backends_yield_two_view_batches(demo_shards: dict[str, Path], back
     assert view1.shape == view2.shape == (8, 3, 24, 24) and view1.dtype == torch.float32
     assert labels.dtype == torch.int64 and labels.shape == (8,) and 0 <= labels.min() <= labels.max() <= 9
     assert not torch.equal(view1, view2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_state_dict_resumes_the_stream_exactly(demo_shards: dict[str, Path], backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    kwargs = dict(
+        shards=list_shards(str(demo_shards["val"])),
+        views=moco_views("v2", 16),
+        batch_size=8,
+        rank=1,
+        world_size=2,
+        workers=1,
+        seed=4,
+        shuffle_buffer=16,
+        device=torch.device("cpu"),
+    )
+    first = loader.two_view_batches(backend, **kwargs)
+    for _ in range(23):  # past the 150-sample epoch of this rank
+        next(first)
+    state = first.state_dict()
+    expected = [next(first) for _ in range(3)]
+    resumed = loader.two_view_batches(backend, state=state, **kwargs)
+    for (a1, a2, al), (b1, b2, bl) in zip(expected, (next(resumed) for _ in range(3)), strict=True):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(al, bl)

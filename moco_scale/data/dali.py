@@ -113,6 +113,7 @@ def build_two_view_pipeline(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     shuffle_buffer: int = 1000,
+    checkpoint: str | None = None,
 ) -> Pipeline:
     """A DALI pipeline of ``(view1, view2, cls)`` batches for this rank; ``cls`` holds the raw text bytes.
 
@@ -147,6 +148,8 @@ def build_two_view_pipeline(
         num_threads=num_threads,
         device_id=device_id,
         seed=seed * world_size + rank,
+        enable_checkpointing=True,  # reader position and every random op's state: exact resume
+        checkpoint=checkpoint,
     )
 
 
@@ -177,6 +180,7 @@ class DaliTwoViewLoader:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         shuffle_buffer: int = 1000,
+        checkpoint: str | None = None,
     ):
         self.pipe = build_two_view_pipeline(
             shards,
@@ -190,6 +194,7 @@ class DaliTwoViewLoader:
             dtype,
             channels_last,
             shuffle_buffer,
+            checkpoint,
         )
         self.pipe.build()
         total = self.pipe.reader_meta(READER)["epoch_size"]
@@ -199,6 +204,10 @@ class DaliTwoViewLoader:
 
     def __iter__(self) -> DaliTwoViewLoader:
         return self
+
+    def state_dict(self) -> dict[str, str]:
+        """DALI's own checkpoint of the pipeline; pass it back as ``checkpoint`` to continue exactly here."""
+        return {"dali": self.pipe.checkpoint()}
 
     def _to_torch(self, views: TensorListCPU | TensorListGPU) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type

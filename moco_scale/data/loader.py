@@ -36,11 +36,14 @@ def two_view_batches(
     shuffle_buffer: int,
     device: torch.device,
     channels_last: bool = False,
+    state: dict | None = None,
 ) -> Iterator[Batch]:
     """Endless ``(view1, view2, labels)`` batches for this rank from the resolved ``backend``.
 
     DALI decodes on this rank's GPU (``mixed``) when ``device`` is CUDA and on the CPU otherwise,
-    with ``workers`` CPU threads; the torch loader runs ``workers`` DataLoader processes.
+    with ``workers`` CPU threads; the torch loader runs ``workers`` DataLoader processes. The result's
+    ``state_dict()`` passed back as ``state`` (same backend, rank, world size and workers) continues
+    the stream exactly where it was.
     """
     if resolve_backend(backend, shards) == "dali":
         return DaliTwoViewLoader(
@@ -54,7 +57,17 @@ def two_view_batches(
             num_threads=max(1, workers),
             channels_last=channels_last,
             shuffle_buffer=shuffle_buffer,
+            checkpoint=state["dali"] if state else None,
         )
     return two_view_loader(
-        shards, views, batch_size, rank, world_size, workers, seed, shuffle_buffer, pin_memory=device.type == "cuda"
+        shards,
+        views,
+        batch_size,
+        rank,
+        world_size,
+        workers,
+        seed,
+        shuffle_buffer,
+        pin_memory=device.type == "cuda",
+        start_batch=state["batches"] if state else 0,
     )
