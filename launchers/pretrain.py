@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moco_scale import checkpoint
 from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, save_config, validate
 from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
@@ -48,7 +50,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pretrain(cfg: Config, shards: list[str]) -> None:
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1 (preemption, SLURM's warning): finish the step, save, exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank was signalled, so all stop after the same step."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
     ctx = init_distributed(cfg.engine.device)
     global_batch = cfg.train.batch_size * ctx.world_size
     steps_per_epoch = math.ceil(count_samples(shards) / global_batch)
@@ -95,8 +115,9 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
         precision = "bf16" if ctx.device.type == "cuda" else "fp32"
     engine = DeepSpeedEngine(model, optimizer, precision, cfg.engine.zero_stage, cfg.train.batch_size, ctx.world_size)
 
-    # From here on each rank draws its own augmentations.
-    seed_everything(cfg.train.seed * 1000 + ctx.rank + 1)
+    start_step, loader_state = checkpoint.load(engine, resume_from) if resume_from else (0, None)
+    if resume_from is None:
+        seed_everything(cfg.train.seed * 1000 + ctx.rank + 1)  # from here on each rank draws its own randomness
     batches = two_view_batches(
         cfg.data.backend,
         shards,
@@ -109,11 +130,17 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
         cfg.data.shuffle_buffer,
         ctx.device,
         channels_last,
+        state=loader_state,
     )
-    logger = MetricsLogger(run_dir, total_steps, enabled=ctx.is_main, progress=cfg.train.progress)
+    stop = StopRequest()
+
+    def save(step: int) -> None:
+        checkpoint.save(engine, run_dir, step, batches.state_dict(), cfg.to_dict(), cfg.checkpoint.keep_last)
+
+    logger = MetricsLogger(run_dir, total_steps, start_step, enabled=ctx.is_main, progress=cfg.train.progress)
     model.train()
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         view1, view2, _ = next(batches)
         view1 = view1.to(ctx.device, non_blocking=True, memory_format=memory_format)
         view2 = view2.to(ctx.device, non_blocking=True, memory_format=memory_format)
@@ -139,6 +166,14 @@ def pretrain(cfg: Config, shards: list[str]) -> None:
                 }
             )
             window_start, window_steps = time.perf_counter(), 0
+        every = cfg.checkpoint.every_steps
+        if stop.agreed(ctx.device):
+            save(step + 1)
+            if ctx.is_main:
+                print(f"stopped by signal after step {step + 1}; checkpoint saved", flush=True)
+            break
+        if every and ((step + 1) % every == 0 or step + 1 == total_steps):
+            save(step + 1)
     summary = logger.close()
     if ctx.is_main:
         print(summary, flush=True)
@@ -151,13 +186,17 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
     environment's LOCAL_RANK is what counts); every other flag is ``--section.field=value``."""
     try:
         cfg = load_config(config, parse_cli_overrides(overrides))
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        validate(cfg, world_size=world_size)
         shards = resolve_train_shards(cfg.data.path)
         resolve_backend(cfg.data.backend, shards)
-    except (ConfigError, DataError) as err:
+        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.train.run_dir)
+        if resume_from is not None:
+            checkpoint.check_loadable(resume_from, world_size)
+    except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    pretrain(cfg, shards)
+    pretrain(cfg, shards, resume_from)
 
 
 if __name__ == "__main__":

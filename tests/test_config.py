@@ -46,7 +46,8 @@ def test_overrides_are_typed() -> None:
         ({"engine.zero_stage": 3}, "engine.zero_stage must be 0, 1 or 2"),
         ({"moco.version": "v3", "moco.shuffle_bn": "shuffle"}, "MoCo v3 uses sync or none"),
         ({"train": 5}, "names a section, not a field"),
-        ({"checkpoint.every_steps": 10}, "checkpoint.every_steps=10: checkpointing and evaluation are not implemented"),
+        ({"eval.every_steps": 10}, "eval.every_steps=10: the kNN monitor is not implemented yet"),
+        ({"checkpoint.keep_last": 0}, "checkpoint.keep_last must be >= 1"),
     ],
 )
 def test_bad_values_get_one_line_errors(overrides: dict, message: str) -> None:

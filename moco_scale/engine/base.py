@@ -20,6 +20,14 @@ class TrainEngine(ABC):
     ) -> MocoOutput:
         """One forward, backward and optimizer step at learning rate ``lr`` and key momentum ``momentum``."""
 
+    @abstractmethod
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+        """Every rank writes its shard of the model and optimizer state under ``save_dir/tag``."""
+
+    @abstractmethod
+    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        """Restore what :meth:`save_checkpoint` wrote."""
+
     def query_backbone(self) -> torch.nn.Module:
         """The backbone to evaluate and export."""
         return self.model.encoder_q.backbone

@@ -65,3 +65,11 @@ class DeepSpeedEngine(TrainEngine):
         self.engine.backward(out.loss)
         self.engine.step()
         return MocoOutput(out.loss.detach(), out.inst_acc.detach())
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(load_dir, tag=tag)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")

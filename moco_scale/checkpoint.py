@@ -1,0 +1,130 @@
+"""Sharded checkpoints through DeepSpeed, with everything MoCo needs to continue bitwise.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_00000040/          DeepSpeed's files (module incl. key encoder, queue and BN buffers;
+                            optimizer shards, one per rank) + rank_00000.pt, rank_00001.pt, ...
+                            (each rank's loader position and RNG states)
+    latest                  the tag of the newest complete checkpoint
+
+A checkpoint is written under ``<tag>.partial`` and renamed only after every rank has finished
+writing it, then ``latest`` is replaced atomically, so a crash during a save leaves the previous
+checkpoint loadable. (Across nodes this needs ``run_dir`` on a shared file system.)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """An unusable checkpoint; the message is one line naming what is wrong."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank_file(path: Path, rank: int) -> Path:
+    return path / f"rank_{rank:05d}.pt"
+
+
+def save(engine, run_dir: str | Path, step: int, loader_state: dict, config: dict, keep_last: int) -> Path:
+    """Every rank writes its shard of ``step``'s checkpoint; it becomes ``latest`` once all are done."""
+    root = checkpoint_root(run_dir)
+    tag = f"step_{step:08d}"
+    partial = root / f"{tag}.partial"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+        root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(
+        str(root), tag=partial.name, client_state={"step": step, "config": config}, save_latest=False
+    )
+    torch.save(
+        {"step": step, "loader": loader_state, "rng": rng_state(), "world_size": dist.get_world_size()},
+        _rank_file(partial, rank),
+    )
+    dist.barrier()  # every shard is on disk
+    final = root / tag
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(tag)
+        os.replace(pointer, root / LATEST)
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))[
+            :-keep_last
+        ]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: none for ``""``, ``latest`` (if any) for ``auto``, else the given path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        pointer = checkpoint_root(run_dir) / LATEST
+        if not pointer.is_file():
+            return None
+        path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    else:
+        path = Path(resume)
+        if (path / LATEST).is_file():  # a run's checkpoints folder
+            path = path / (path / LATEST).read_text().strip()
+        elif (checkpoint_root(path) / LATEST).is_file():  # a run directory
+            path = checkpoint_root(path) / (checkpoint_root(path) / LATEST).read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: {str(path)!r} is not a checkpoint folder")
+    return path
+
+
+def check_loadable(path: Path, world_size: int) -> None:
+    """One-line errors for a checkpoint this run cannot continue from, found before any compute."""
+    rank_files = sorted(path.glob("rank_*.pt"))
+    if not rank_files:
+        raise CheckpointError(f"{path}: no rank_*.pt files; not a moco_scale checkpoint or an incomplete one")
+    written_by = torch.load(rank_files[0], weights_only=False)["world_size"]
+    if written_by != world_size:
+        raise CheckpointError(
+            f"{path} was written by {written_by} ranks; resuming on {world_size} is not supported yet"
+        )
+    missing = [str(_rank_file(path, r).name) for r in range(world_size) if not _rank_file(path, r).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: missing rank files {', '.join(missing)}")
+
+
+def load(engine, path: Path) -> tuple[int, dict]:
+    """Restore the engine (model, key encoder, queue, optimizer) and this rank's RNG; returns (step, loader state)."""
+    engine.load_checkpoint(str(path.parent), tag=path.name)
+    own = torch.load(_rank_file(path, dist.get_rank()), weights_only=False)
+    set_rng_state(own["rng"])
+    return own["step"], own["loader"]
