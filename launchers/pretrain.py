@@ -135,7 +135,15 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
     stop = StopRequest()
 
     def save(step: int) -> None:
-        checkpoint.save(engine, run_dir, step, batches.state_dict(), cfg.to_dict(), cfg.checkpoint.keep_last)
+        checkpoint.save(
+            engine,
+            run_dir,
+            step,
+            batches.state_dict(),
+            cfg.to_dict(),
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.keep_every,
+        )
 
     logger = MetricsLogger(run_dir, total_steps, start_step, enabled=ctx.is_main, progress=cfg.train.progress)
     model.train()
@@ -190,9 +198,7 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         validate(cfg, world_size=world_size)
         shards = resolve_train_shards(cfg.data.path)
         resolve_backend(cfg.data.backend, shards)
-        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.train.run_dir)
-        if resume_from is not None:
-            checkpoint.check_loadable(resume_from, world_size)
+        resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir, world_size)
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

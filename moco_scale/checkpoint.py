@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,10 @@ LATEST = "latest"
 
 class CheckpointError(ValueError):
     """An unusable checkpoint; the message is one line naming what is wrong."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A sound checkpoint that this run cannot continue (another world size): never skipped silently."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -54,8 +60,11 @@ def _rank_file(path: Path, rank: int) -> Path:
     return path / f"rank_{rank:05d}.pt"
 
 
-def save(engine, run_dir: str | Path, step: int, loader_state: dict, config: dict, keep_last: int) -> Path:
-    """Every rank writes its shard of ``step``'s checkpoint; it becomes ``latest`` once all are done."""
+def save(
+    engine, run_dir: str | Path, step: int, loader_state: dict, config: dict, keep_last: int, keep_every: int = 0
+) -> Path:
+    """Every rank writes its shard of ``step``'s checkpoint; it becomes ``latest`` once all are done.
+    Older checkpoints beyond the last ``keep_last`` are deleted, except every ``keep_every``-th step."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step:08d}"
     partial = root / f"{tag}.partial"
@@ -79,32 +88,52 @@ def save(engine, run_dir: str | Path, step: int, loader_state: dict, config: dic
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(tag)
         os.replace(pointer, root / LATEST)
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))[
-            :-keep_last
-        ]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in _tags_newest_first(root)[keep_last:]:
+            if not (keep_every and int(old.name.split("_")[1]) % keep_every == 0):
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: none for ``""``, ``latest`` (if any) for ``auto``, else the given path."""
-    if not resume:
-        return None
-    if resume == "auto":
-        pointer = checkpoint_root(run_dir) / LATEST
-        if not pointer.is_file():
-            return None
-        path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    else:
-        path = Path(resume)
-        if (path / LATEST).is_file():  # a run's checkpoints folder
-            path = path / (path / LATEST).read_text().strip()
-        elif (checkpoint_root(path) / LATEST).is_file():  # a run directory
-            path = checkpoint_root(path) / (checkpoint_root(path) / LATEST).read_text().strip()
+def _tags_newest_first(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")), reverse=True)
+
+
+def _explicit_path(resume: str) -> Path:
+    path = Path(resume)
+    for root in (path, checkpoint_root(path)):  # a run's checkpoints folder, or a run directory
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
     if not path.is_dir():
         raise CheckpointError(f"checkpoint.resume: {str(path)!r} is not a checkpoint folder")
     return path
+
+
+def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | None:
+    """The checkpoint to resume from, checked to be complete: none for ``""``; for ``auto`` the newest
+    complete one under ``run_dir`` (falling back past damaged ones with a warning), or none; else the
+    given checkpoint, run directory or checkpoints folder, which must be loadable."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = _explicit_path(resume)
+        check_loadable(path, world_size)
+        return path
+    root = checkpoint_root(run_dir)
+    pointer = root / LATEST
+    latest = root / pointer.read_text().strip() if pointer.is_file() else None
+    candidates = [p for p in _tags_newest_first(root) if latest is None or p.name <= latest.name]
+    for path in candidates:
+        try:
+            check_loadable(path, world_size)
+            return path
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as err:
+            if dist.is_initialized() and dist.get_rank() != 0:
+                continue
+            print(f"warning: skipping damaged checkpoint: {err}", file=sys.stderr, flush=True)
+    return None
 
 
 def check_loadable(path: Path, world_size: int) -> None:
@@ -112,9 +141,15 @@ def check_loadable(path: Path, world_size: int) -> None:
     rank_files = sorted(path.glob("rank_*.pt"))
     if not rank_files:
         raise CheckpointError(f"{path}: no rank_*.pt files; not a moco_scale checkpoint or an incomplete one")
+    for file in path.glob("*.pt"):
+        try:
+            with zipfile.ZipFile(file) as archive:  # torch.save's format: a truncated file has no directory
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError):
+            raise CheckpointError(f"{file} is truncated or unreadable") from None
     written_by = torch.load(rank_files[0], weights_only=False)["world_size"]
     if written_by != world_size:
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"{path} was written by {written_by} ranks; resuming on {world_size} is not supported yet"
         )
     missing = [str(_rank_file(path, r).name) for r in range(world_size) if not _rank_file(path, r).is_file()]

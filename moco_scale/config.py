@@ -93,6 +93,7 @@ class EngineConfig:
 class CheckpointConfig:
     every_steps: int = 0  # 0: no periodic checkpoints (SIGTERM/SIGUSR1 still save one)
     keep_last: int = 2
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = ""  # "": start fresh; "auto": from <run_dir>/checkpoints/latest if any; or a checkpoint path
 
 
@@ -257,6 +258,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "optim.weight_decay": o.weight_decay,
         "data.workers": cfg.data.workers,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "eval.every_steps": cfg.eval.every_steps,
     }
     for name, value in non_negative.items():

@@ -1,0 +1,200 @@
+"""Export the pretrained query backbone from a checkpoint, or describe a checkpoint.
+
+    python launchers/export.py runs/demo backbone.pt
+    python launchers/export.py runs/demo/checkpoints/step_00000200 moco.pth.tar --layout fbmoco
+    python launchers/export.py --inspect runs/demo
+
+CKPT is a checkpoint folder (``.../checkpoints/step_X``), a run's ``checkpoints`` folder or a run
+directory; for the latter two, the checkpoint their ``latest`` file names, as ``checkpoint.resume``
+resolves them. Only rank 0's DeepSpeed model file is read (ZeRO stages 0-2 keep the whole module
+there); no process group is created. Bad input exits with code 2 and one line starting ``error:``.
+
+``--layout torchvision`` (default) writes the query backbone (``encoder_q.backbone.*``, prefix
+stripped) as a plain ``state_dict`` of contiguous tensors. It holds no ``fc.*``: the backbone's
+``fc`` is an identity, so give the torchvision model one too and load strictly::
+
+    model = torchvision.models.resnet50()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(torch.load("backbone.pt", weights_only=True), strict=True)
+
+(Only ``model.width=1`` with the standard stem has a torchvision counterpart; other backbones
+load into ``moco_scale.models.build_resnet`` the same way.)
+
+``--layout fbmoco`` writes fb/moco's checkpoint layout, ``{"state_dict": {"module.encoder_q.<name>":
+tensor}, "arch": <arch>, "epoch": None, "step": <step>}``, with torchvision names for the backbone
+and the projection head under ``module.encoder_q.fc.*`` as in fb/moco. Its ``main_lincls.py
+--pretrained`` keeps the ``module.encoder_q.`` keys except ``fc``, strips the prefix and loads them
+with ``strict=False``, only ``fc.weight`` and ``fc.bias`` missing. ``epoch`` is None: checkpoints
+count steps.
+
+``--inspect`` prints the step, world size, model and MoCo settings, parameter counts, the queue
+and the file sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moco_scale import checkpoint
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+BACKBONE = "encoder_q.backbone."
+HEAD = "encoder_q.head."
+
+
+class ExportError(ValueError):
+    """Unusable input; the message is one line."""
+
+
+def find_checkpoint(path: str) -> Path:
+    """The checkpoint folder ``path`` names: itself, or the ``latest`` of a checkpoints folder or run directory."""
+    given = Path(path)
+    if not given.exists():
+        raise ExportError(f"{path!r} does not exist")
+    for root in (given, checkpoint.checkpoint_root(given)):
+        pointer = root / checkpoint.LATEST
+        if pointer.is_file():
+            tag = root / pointer.read_text().strip()
+            if not tag.is_dir():
+                raise ExportError(f"{pointer} names {tag.name!r}, which is not a folder")
+            return tag
+    return given
+
+
+def model_file(ckpt: Path) -> Path:
+    """Rank 0's DeepSpeed model file in ``ckpt``."""
+    if (ckpt / MODEL_FILE).is_file():
+        return ckpt / MODEL_FILE
+    found = sorted(ckpt.glob("*model_states.pt"))
+    if not found:
+        raise ExportError(f"{str(ckpt)!r} holds no checkpoint (no *model_states.pt, no latest)")
+    return found[0]
+
+
+def load_model_states(file: Path) -> dict[str, Any]:
+    """The model file's contents on the CPU, memory-mapped when possible; one-line error if unreadable."""
+    try:
+        states = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise ExportError(f"{file}: unreadable or truncated checkpoint file ({reason})") from None
+    if not isinstance(states, dict) or not any(k.startswith(BACKBONE) for k in states.get("module", {})):
+        raise ExportError(f"{file}: no {BACKBONE}* tensors; not a moco_scale checkpoint")
+    return states
+
+
+def strip(module: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries under ``prefix``, renamed without it, as standalone contiguous copies.
+
+    Copies, because under ZeRO 1/2 the stored tensors are views of one flat buffer that
+    ``torch.save`` would otherwise write out whole.
+    """
+    return {
+        k[len(prefix) :]: v.detach().clone(memory_format=torch.contiguous_format)
+        for k, v in module.items()
+        if k.startswith(prefix)
+    }
+
+
+def export(ckpt: Path, out: Path, layout: str) -> str:
+    """Write the query backbone of ``ckpt`` to ``out``; returns a one-line summary."""
+    states = load_model_states(model_file(ckpt))
+    model_cfg = states.get("config", {}).get("model", {})
+    arch = model_cfg.get("arch", "unknown")
+    backbone = strip(states["module"], BACKBONE)
+    if layout == "fbmoco":
+        encoder = {**backbone, **{f"fc.{k}": v for k, v in strip(states["module"], HEAD).items()}}
+        payload: Any = {
+            "state_dict": {f"module.encoder_q.{k}": v for k, v in encoder.items()},
+            "arch": arch,
+            "epoch": None,
+            "step": states.get("step"),
+        }
+    else:
+        payload = backbone
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, out)
+    if model_cfg.get("width", 1) != 1 or model_cfg.get("small_stem", False):
+        print(
+            f"warning: model.width={model_cfg.get('width')}, small_stem={model_cfg.get('small_stem')}: "
+            f"this backbone does not fit torchvision.models.{arch}(); use moco_scale.models.build_resnet",
+            file=sys.stderr,
+        )
+    return f"wrote {len(backbone)} backbone tensors of {arch} at step {states.get('step')} to {out} ({layout})"
+
+
+def _numel(module: dict[str, torch.Tensor], prefix: str, buffers: set[str]) -> int:
+    return sum(v.numel() for k, v in module.items() if k.startswith(prefix) and k not in buffers)
+
+
+def _size(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def describe(ckpt: Path) -> str:
+    """A short table describing ``ckpt``."""
+    file = model_file(ckpt)
+    states = load_model_states(file)
+    module, cfg = states["module"], states.get("config", {})
+    model, moco = cfg.get("model", {}), cfg.get("moco", {})
+    buffers = set(states.get("buffer_names") or ())
+    autocast = states.get("ds_config", {}).get("torch_autocast", {})
+    rank_files = sorted(ckpt.glob("rank_*.pt"))
+    others = [p for p in ckpt.iterdir() if p.is_file() and p != file and p not in rank_files]
+    rows = [
+        ("checkpoint", str(ckpt)),
+        ("step", str(states.get("step"))),
+        ("world size", f"{len(rank_files)} (rank_*.pt files)"),
+        ("arch", f"{model.get('arch')} (width {model.get('width')}, small_stem {model.get('small_stem')})"),
+        ("moco", f"{moco.get('version')}, dim {moco.get('dim')}, K {moco.get('queue_size')}"),
+        ("precision", f"{cfg.get('engine', {}).get('precision')} (ran as {autocast.get('dtype', 'float32')})"),
+        ("params q backbone", f"{_numel(module, BACKBONE, buffers):,}"),
+        ("params q head", f"{_numel(module, HEAD, buffers):,}"),
+    ]
+    if any(k.startswith("predictor.") for k in module):
+        rows.append(("params predictor", f"{_numel(module, 'predictor.', buffers):,}"))
+    rows.append(("params key encoder", f"{_numel(module, 'encoder_k.', buffers):,}"))
+    if "queue.keys" in module:
+        keys = module["queue.keys"]
+        rows.append(("queue", f"{keys.shape[0]} keys x {keys.shape[1]}, ptr {int(module['queue.ptr'])}"))
+    else:
+        rows.append(("queue", "none"))
+    rows.append((file.name, _size(file.stat().st_size)))
+    rows.append((f"rank_*.pt ({len(rank_files)})", _size(sum(p.stat().st_size for p in rank_files))))
+    if others:
+        rows.append((f"other files ({len(others)})", _size(sum(p.stat().st_size for p in others))))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt", help="checkpoint folder, a run's checkpoints folder, or a run directory")
+    parser.add_argument("out", nargs="?", help="output file (not with --inspect)")
+    parser.add_argument("--layout", choices=("torchvision", "fbmoco"), default="torchvision")
+    parser.add_argument("--inspect", action="store_true", help="describe the checkpoint instead of exporting")
+    args = parser.parse_args(argv)
+    if args.inspect == (args.out is not None):
+        parser.error("give OUT to export, or --inspect without OUT")
+    try:
+        ckpt = find_checkpoint(args.ckpt)
+        print(describe(ckpt) if args.inspect else export(ckpt, Path(args.out), args.layout))
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""launchers/export.py on a real 2-step checkpoint: torchvision and fb/moco layouts, --inspect, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from moco_scale.models import build_resnet
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT = ROOT / "launchers" / "export.py"
+TAG = "step_00000002"
+
+
+def _load_export():
+    spec = importlib.util.spec_from_file_location("export_launcher", EXPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export = _load_export()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("export") / "run"
+    cmd = [
+        sys.executable,
+        "launchers/pretrain.py",
+        "--config",
+        "configs/demo.yaml",
+        "--train.max_steps=2",
+        "--train.log_every=1",
+        "--checkpoint.every_steps=2",
+        "--train.progress=false",
+        f"--train.run_dir={run}",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run
+
+
+def _stored_backbone(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The engine's query backbone, straight from DeepSpeed's model file."""
+    states = torch.load(run_dir / "checkpoints" / TAG / "mp_rank_00_model_states.pt", weights_only=True)
+    prefix = "encoder_q.backbone."
+    return {k.removeprefix(prefix): v for k, v in states["module"].items() if k.startswith(prefix)}
+
+
+def _torchvision_resnet18() -> torch.nn.Module:
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    return model
+
+
+def test_exports_from_run_dir_checkpoints_folder_and_checkpoint_are_the_backbone(run_dir: Path, tmp_path: Path) -> None:
+    stored = _stored_backbone(run_dir)
+    sources = [run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / TAG]
+    for i, source in enumerate(sources):
+        out = tmp_path / f"backbone{i}.pt"
+        assert export.main([str(source), str(out)]) == 0
+        state = torch.load(out, weights_only=True)
+        assert state.keys() == stored.keys() and not any(k.startswith("fc.") for k in state)
+        for name, value in stored.items():
+            assert torch.equal(state[name], value), (source, name)
+
+
+def test_torchvision_model_computes_the_engine_backbone_features(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "backbone.pt"
+    assert export.main([str(run_dir), str(out)]) == 0
+    tv = _torchvision_resnet18()
+    tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    ours = build_resnet("resnet18")
+    ours.load_state_dict(_stored_backbone(run_dir), strict=True)
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = ours.eval()(images), tv.eval()(images)
+    assert got.shape == (4, 512)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_fbmoco_layout_loads_like_fb_moco_main_lincls(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "moco.pth.tar"
+    assert export.main([str(run_dir), str(out), "--layout", "fbmoco"]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["arch"] == "resnet18" and saved["step"] == 2
+    state = saved["state_dict"]
+    assert all(k.startswith("module.encoder_q.") for k in state)
+    # fb/moco's main_lincls.py: keep encoder_q without its fc (the projection head), drop the prefix.
+    kept = {
+        k.removeprefix("module.encoder_q."): v
+        for k, v in state.items()
+        if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc")
+    }
+    result = torchvision.models.resnet18().load_state_dict(kept, strict=False)  # fc kept, as in main_lincls
+    assert set(result.missing_keys) == {"fc.weight", "fc.bias"} and not result.unexpected_keys
+    head = {f"module.encoder_q.fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}  # v2's MLP, as in fb/moco
+    assert {k for k in state if ".fc." in k} == head
+
+
+def test_inspect_prints_step_and_queue(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert export.main(["--inspect", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^step\s+2$", table, re.M), table
+    assert re.search(r"^queue\s+256 keys x 128, ptr 64$", table, re.M), table
+    assert re.search(r"^world size\s+1 ", table, re.M), table
+
+
+def _run_export(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(EXPORT), *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def test_missing_path_and_truncated_file_give_one_line_errors(run_dir: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / TAG
+    shutil.copytree(run_dir / "checkpoints" / TAG, damaged)
+    model_file = damaged / "mp_rank_00_model_states.pt"
+    os.truncate(model_file, model_file.stat().st_size // 2)
+    cases = [(tmp_path / "missing", "does not exist"), (damaged, "truncated")]
+    for source, message in cases:
+        result = _run_export(str(source), str(tmp_path / "out.pt"))
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+        assert message in result.stderr
+    assert not (tmp_path / "out.pt").exists()
