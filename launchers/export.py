@@ -52,21 +52,6 @@ class ExportError(ValueError):
     """Unusable input; the message is one line."""
 
 
-def find_checkpoint(path: str) -> Path:
-    """The checkpoint folder ``path`` names: itself, or the ``latest`` of a checkpoints folder or run directory."""
-    given = Path(path)
-    if not given.exists():
-        raise ExportError(f"{path!r} does not exist")
-    for root in (given, checkpoint.checkpoint_root(given)):
-        pointer = root / checkpoint.LATEST
-        if pointer.is_file():
-            tag = root / pointer.read_text().strip()
-            if not tag.is_dir():
-                raise ExportError(f"{pointer} names {tag.name!r}, which is not a folder")
-            return tag
-    return given
-
-
 def model_file(ckpt: Path) -> Path:
     """Rank 0's DeepSpeed model file in ``ckpt``."""
     if (ckpt / MODEL_FILE).is_file():
@@ -188,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.inspect == (args.out is not None):
         parser.error("give OUT to export, or --inspect without OUT")
     try:
-        ckpt = find_checkpoint(args.ckpt)
+        ckpt = checkpoint.locate(args.ckpt)
         print(describe(ckpt) if args.inspect else export(ckpt, Path(args.out), args.layout))
-    except ExportError as err:
+    except (ExportError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

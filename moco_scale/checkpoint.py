@@ -99,14 +99,22 @@ def _tags_newest_first(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")), reverse=True)
 
 
-def _explicit_path(resume: str) -> Path:
-    path = Path(resume)
-    for root in (path, checkpoint_root(path)):  # a run's checkpoints folder, or a run directory
-        if (root / LATEST).is_file():
-            return root / (root / LATEST).read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint.resume: {str(path)!r} is not a checkpoint folder")
-    return path
+def locate(path: str | Path) -> Path:
+    """The checkpoint folder ``path`` names: itself, or what ``latest`` names in a run's ``checkpoints``
+    folder or in a run directory."""
+    given = Path(path)
+    if not given.exists():
+        raise CheckpointError(f"{str(given)!r} does not exist")
+    for root in (given, checkpoint_root(given)):
+        pointer = root / LATEST
+        if pointer.is_file():
+            tag = root / pointer.read_text().strip()
+            if not tag.is_dir():
+                raise CheckpointError(f"{pointer} names {tag.name!r}, which is not a folder")
+            return tag
+    if not given.is_dir():
+        raise CheckpointError(f"{str(given)!r} is not a checkpoint folder")
+    return given
 
 
 def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | None:
@@ -116,7 +124,7 @@ def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | Non
     if not resume:
         return None
     if resume != "auto":
-        path = _explicit_path(resume)
+        path = locate(resume)
         check_loadable(path, world_size)
         return path
     root = checkpoint_root(run_dir)

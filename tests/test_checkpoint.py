@@ -36,8 +36,11 @@ def test_resume_resolution(tmp_path: Path) -> None:
     assert checkpoint.find_resume(str(tmp_path), "elsewhere", 2) == path  # a run directory
     assert checkpoint.find_resume(str(checkpoint.checkpoint_root(tmp_path)), "elsewhere", 2) == path
     assert checkpoint.find_resume(str(path), "elsewhere", 2) == path
-    with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint folder"):
+    with pytest.raises(checkpoint.CheckpointError, match="nope' does not exist"):
         checkpoint.find_resume(str(tmp_path / "nope"), tmp_path, 2)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint folder"):
+        checkpoint.find_resume(str(tmp_path / "file.txt"), tmp_path, 2)
 
 
 def test_auto_falls_back_past_damaged_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
