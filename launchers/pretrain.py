@@ -27,9 +27,9 @@ from moco_scale import checkpoint
 from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, save_config, validate
 from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
-from moco_scale.data.loader import resolve_backend, two_view_batches
+from moco_scale.data.loader import remap_state, resolve_backend, two_view_batches
 from moco_scale.data.shards import DataError, count_samples, list_shards
-from moco_scale.dist.comm import init_distributed
+from moco_scale.dist.comm import DistInfo, init_distributed
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.metrics import MetricsLogger
 from moco_scale.moco import MoCo
@@ -68,23 +68,15 @@ class StopRequest:
         return bool(flag.item())
 
 
-def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
-    ctx = init_distributed(cfg.engine.device)
-    global_batch = cfg.train.batch_size * ctx.world_size
-    steps_per_epoch = math.ceil(count_samples(shards) / global_batch)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    warmup_steps = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)
-    peak_lr = cfg.optim.base_lr * global_batch / 256
-    run_dir = Path(cfg.train.run_dir)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+def uses_channels_last(cfg: Config, ctx: DistInfo) -> bool:
+    return cfg.model.channels_last and ctx.device.type == "cuda"
 
-    # The same seed everywhere builds the same model and queue on every rank.
-    seed_everything(cfg.train.seed)
-    backbone = build_resnet(cfg.model.arch, cfg.model.width, cfg.model.small_stem)
+
+def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, DeepSpeedEngine]:
+    """The MoCo module on this rank's device, its optimizer and the engine around them."""
+    seed_everything(cfg.train.seed)  # the same seed everywhere builds the same model and queue on every rank
     model = MoCo(
-        backbone,
+        build_resnet(cfg.model.arch, cfg.model.width, cfg.model.small_stem),
         version=cfg.moco.version,
         dim=cfg.moco.dim,
         mlp_dim=cfg.moco.mlp_dim,
@@ -97,8 +89,7 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
         cuda_graph_ema=cfg.engine.cuda_graph_ema,
         shuffle_seed=cfg.train.seed,
     )
-    channels_last = cfg.model.channels_last and ctx.device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if uses_channels_last(cfg, ctx) else torch.contiguous_format
     model.to(ctx.device, memory_format=memory_format)
     optimizer = build_optimizer(
         model,
@@ -114,9 +105,28 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
     if precision == "auto":
         precision = "bf16" if ctx.device.type == "cuda" else "fp32"
     engine = DeepSpeedEngine(model, optimizer, precision, cfg.engine.zero_stage, cfg.train.batch_size, ctx.world_size)
+    return model, engine
 
-    start_step, loader_state = checkpoint.load(engine, resume_from) if resume_from else (0, None)
-    if resume_from is None:
+
+def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
+    ctx = init_distributed(cfg.engine.device)
+    global_batch = cfg.train.batch_size * ctx.world_size
+    steps_per_epoch = math.ceil(count_samples(shards) / global_batch)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup_steps = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.optim.base_lr * global_batch / 256
+    run_dir = Path(cfg.train.run_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    model, engine = build_engine(cfg, ctx, peak_lr)
+    memory_format = torch.channels_last if uses_channels_last(cfg, ctx) else torch.contiguous_format
+    start_step, loader_state = 0, None
+    if resume_from is not None:
+        start_step, loader_state, saved_world_size = checkpoint.load(engine, resume_from)
+        loader_state = remap_state(loader_state, saved_world_size, ctx.world_size)
+    else:
         seed_everything(cfg.train.seed * 1000 + ctx.rank + 1)  # from here on each rank draws its own randomness
     batches = two_view_batches(
         cfg.data.backend,
@@ -129,7 +139,7 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
         cfg.data.seed,
         cfg.data.shuffle_buffer,
         ctx.device,
-        channels_last,
+        uses_channels_last(cfg, ctx),
         state=loader_state,
     )
     stop = StopRequest()

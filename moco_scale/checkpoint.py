@@ -156,18 +156,25 @@ def check_loadable(path: Path, world_size: int) -> None:
         except (zipfile.BadZipFile, OSError):
             raise CheckpointError(f"{file} is truncated or unreadable") from None
     written_by = torch.load(rank_files[0], weights_only=False)["world_size"]
-    if written_by != world_size:
+    if written_by != world_size and any(path.glob("*zero_pp_rank_*")):
         raise CheckpointMismatch(
-            f"{path} was written by {written_by} ranks; resuming on {world_size} is not supported yet"
+            f"{path} was written by {written_by} ranks with ZeRO-sharded optimizer state; resuming on "
+            f"{world_size} ranks is supported for ZeRO 0 checkpoints only so far"
         )
-    missing = [str(_rank_file(path, r).name) for r in range(world_size) if not _rank_file(path, r).is_file()]
+    missing = [str(_rank_file(path, r).name) for r in range(written_by) if not _rank_file(path, r).is_file()]
     if missing:
         raise CheckpointError(f"{path}: missing rank files {', '.join(missing)}")
 
 
-def load(engine, path: Path) -> tuple[int, dict]:
-    """Restore the engine (model, key encoder, queue, optimizer) and this rank's RNG; returns (step, loader state)."""
+def load(engine, path: Path) -> tuple[int, dict, int]:
+    """Restore the engine (model, key encoder, queue, BN statistics, optimizer) and this rank's RNG.
+
+    Returns (step, loader state, world size that wrote it). On another world size (ZeRO 0 only,
+    whose optimizer state is whole in the model file), ranks the checkpoint did not have take rank
+    0's RNG states, and the caller remaps the loader state.
+    """
     engine.load_checkpoint(str(path.parent), tag=path.name)
-    own = torch.load(_rank_file(path, dist.get_rank()), weights_only=False)
+    own_file = _rank_file(path, dist.get_rank())
+    own = torch.load(own_file if own_file.is_file() else _rank_file(path, 0), weights_only=False)
     set_rng_state(own["rng"])
-    return own["step"], own["loader"]
+    return own["step"], own["loader"], own["world_size"]

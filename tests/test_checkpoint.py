@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from moco_scale import checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _fake_checkpoint(run_dir: Path, tag: str, world_size: int) -> Path:
+def _fake_checkpoint(run_dir: Path, tag: str, world_size: int, zero: int = 0) -> Path:
     path = checkpoint.checkpoint_root(run_dir) / tag
     path.mkdir(parents=True)
     for rank in range(world_size):
         torch.save({"world_size": world_size}, path / f"rank_{rank:05d}.pt")
+        if zero:
+            torch.save({}, path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     (checkpoint.checkpoint_root(run_dir) / checkpoint.LATEST).write_text(tag)
     return path
 
@@ -44,23 +47,26 @@ def test_resume_resolution(tmp_path: Path) -> None:
 
 
 def test_auto_falls_back_past_damaged_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    older = _fake_checkpoint(tmp_path, "step_00000004", 2)
-    newer = _fake_checkpoint(tmp_path, "step_00000008", 2)
+    older = _fake_checkpoint(tmp_path, "step_00000004", 2, zero=2)
+    newer = _fake_checkpoint(tmp_path, "step_00000008", 2, zero=2)
     rank_file = newer / "rank_00001.pt"
     rank_file.write_bytes(rank_file.read_bytes()[:50])  # truncated
     assert checkpoint.find_resume("auto", tmp_path, 2) == older
     assert "skipping damaged checkpoint" in capsys.readouterr().err
     with pytest.raises(checkpoint.CheckpointError, match="rank_00001.pt is truncated or unreadable"):
         checkpoint.find_resume(str(newer), tmp_path, 2)  # asked for by name: no silent fallback
-    with pytest.raises(checkpoint.CheckpointMismatch, match="written by 2 ranks; resuming on 1"):
+    with pytest.raises(checkpoint.CheckpointMismatch, match="written by 2 ranks with ZeRO-sharded optimizer"):
         checkpoint.find_resume("auto", tmp_path, 1)  # a world-size change is not damage
 
 
 def test_damaged_or_mismatched_checkpoints_get_one_line_errors(tmp_path: Path) -> None:
     path = _fake_checkpoint(tmp_path, "step_00000003", 2)
     checkpoint.check_loadable(path, 2)
-    with pytest.raises(checkpoint.CheckpointError, match="written by 2 ranks; resuming on 1 is not supported"):
-        checkpoint.check_loadable(path, 1)
+    checkpoint.check_loadable(path, 1)  # ZeRO 0: the whole optimizer state is in the model file
+    checkpoint.check_loadable(path, 3)
+    sharded = _fake_checkpoint(tmp_path / "z2", "step_00000003", 2, zero=2)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="supported for ZeRO 0 checkpoints only"):
+        checkpoint.check_loadable(sharded, 1)
     (path / "rank_00001.pt").unlink()
     with pytest.raises(checkpoint.CheckpointError, match="missing rank files rank_00001.pt"):
         checkpoint.check_loadable(path, 2)
@@ -176,3 +182,77 @@ def test_interrupted_run_resumes_bitwise(tmp_path: Path, sig: signal.Signals, ze
         assert torch.equal(value, resumed[name]), name
     kept = sorted(p.name for p in checkpoint.checkpoint_root(interrupted).glob("step_*"))
     assert kept == ["step_00000005", "step_00000010"]  # keep_last=1 plus keep_every=5; nothing .partial left
+
+
+def _restore_and_compare(rank: int, world: int, ckpt: str, config: str) -> None:
+    import importlib.util
+
+    from moco_scale.config import load_config
+    from moco_scale.data.loader import remap_state
+    from moco_scale.dist.comm import init_distributed
+
+    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    cfg = load_config(config, {"engine.precision": "fp32"})
+    model, engine = launcher.build_engine(cfg, init_distributed("cpu"), peak_lr=0.1)
+    fresh_queue = model.queue.keys.clone()
+    step, loader_state, saved_world = checkpoint.load(engine, Path(ckpt))
+    saved = torch.load(Path(ckpt) / "mp_rank_00_model_states.pt", weights_only=False)
+    restored = model.state_dict()
+    assert restored.keys() == saved["module"].keys()
+    for name, value in saved["module"].items():  # queue, key encoder, BN statistics included
+        assert torch.equal(restored[name], value), name
+    assert not torch.equal(model.queue.keys, fresh_queue)  # restored, not re-initialised
+    momentum = {k: v["momentum_buffer"] for k, v in engine.optimizer.state_dict()["state"].items()}
+    for key, value in saved["optimizer"]["state"].items():
+        assert torch.equal(momentum[key], value["momentum_buffer"])
+    assert (step, saved_world) == (4, 2)
+    remapped = remap_state(loader_state, saved_world, world)
+    assert remapped is None or remapped == {"batches": 4 * 2 // world}
+
+
+@pytest.mark.slow
+def test_world_size_change_restores_everything(tmp_path: Path) -> None:
+    """A ZeRO-0 checkpoint of 2 ranks resumes on 1 and on 3 ranks with the same queue, key encoder,
+    BN buffers and optimizer state, and training goes on."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        shutil.which("deepspeed") or "deepspeed",
+        "--num_gpus",
+        "2",
+        "launchers/pretrain.py",
+        "--config",
+        "configs/demo.yaml",
+        "--engine.precision=fp32",
+        "--train.max_steps=4",
+        "--checkpoint.every_steps=4",
+        "--train.progress=false",
+        f"--train.run_dir={run_dir}",
+    ]
+    _finish(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    ckpt = checkpoint.checkpoint_root(run_dir) / "step_00000004"
+    from dist_utils import run_ranks
+
+    for world in (1, 3):
+        run_ranks(_restore_and_compare, world, str(ckpt), str(ROOT / "configs" / "demo.yaml"))
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "launchers/pretrain.py",
+            "--config",
+            "configs/demo.yaml",
+            "--engine.precision=fp32",
+            "--train.max_steps=6",
+            "--train.log_every=1",
+            "--train.progress=false",
+            "--checkpoint.resume=auto",
+            f"--train.run_dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "done: 6 steps" in resumed.stdout

@@ -71,3 +71,18 @@ def two_view_batches(
         pin_memory=device.type == "cuda",
         start_batch=state["batches"] if state else 0,
     )
+
+
+def remap_state(state: dict, old_world_size: int, new_world_size: int) -> dict | None:
+    """A loader position saved by ``old_world_size`` ranks, for ``new_world_size`` ranks.
+
+    The torch loader keeps the number of samples consumed in total (batches x ranks), so the run
+    continues at the same point of the same epoch, but which samples each rank sees from there on
+    follows the new split: a few samples of that epoch may be seen twice or not at all. DALI's
+    pipeline checkpoint belongs to one rank's reader, so DALI restarts its stream.
+    """
+    if old_world_size == new_world_size:
+        return state
+    if "batches" in state:
+        return {"batches": state["batches"] * old_world_size // new_world_size}
+    return None
