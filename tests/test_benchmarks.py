@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
     [
         ("ema.py", "ratio_vs_copy"),
         ("shuffle_bn.py", "ratio_vs_reference"),
+        ("checkpoint_io.py", "save_s_max"),
         pytest.param(
             "data_throughput.py",
             "ratio_vs_reference",
