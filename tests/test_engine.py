@@ -39,6 +39,14 @@ def _train(rank: int, world: int, precision: str, zero_stage: int, out: str) -> 
     gathered = [torch.empty_like(flat) for _ in range(world)]
     torch.distributed.all_gather(gathered, flat)
     assert torch.equal(gathered[0], gathered[1]), "ranks disagree on the parameters"
+    if precision == "fp16":  # the loss scaler survives a checkpoint round trip (DeepSpeed does not save it)
+        engine.save_checkpoint(f"{out}.ckpt", "t", {})
+        scaler = engine._grad_scaler()
+        expected = scaler.state_dict()
+        assert expected["scale"] != 2.0**16 or expected["_growth_tracker"] > 0  # it moved during training
+        scaler.update(new_scale=3.0)
+        engine.load_checkpoint(f"{out}.ckpt", "t")
+        assert scaler.state_dict() == expected
     if rank == 0:
         torch.save({"state": model.state_dict(), "losses": losses}, out)
 

@@ -66,10 +66,20 @@ class DeepSpeedEngine(TrainEngine):
         self.engine.step()
         return MocoOutput(out.loss.detach(), out.inst_acc.detach())
 
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16's loss scaler, which DeepSpeed's ``torch_autocast`` mode keeps but does not checkpoint."""
+        return self.engine.torch_autocast_z0_gradscaler or getattr(self.optimizer, "torch_autocast_gradscaler", None)
+
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+        scaler = self._grad_scaler()
+        if scaler is not None:
+            client_state = {**client_state, "grad_scaler": scaler.state_dict()}
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
 
     def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        load_path, _ = self.engine.load_checkpoint(load_dir, tag=tag)
+        load_path, client_state = self.engine.load_checkpoint(load_dir, tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
+        scaler = self._grad_scaler()
+        if scaler is not None and "grad_scaler" in client_state:
+            scaler.load_state_dict(client_state["grad_scaler"])
