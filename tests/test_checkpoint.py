@@ -76,7 +76,7 @@ def test_damaged_or_mismatched_checkpoints_get_one_line_errors(tmp_path: Path) -
         checkpoint.check_loadable(empty, 2)
 
 
-def _launch(run_dir: Path, zero: int, *extra: str) -> subprocess.Popen:
+def _launch(run_dir: Path, zero: int, *extra: str, steps: int = 10, every: int = 5) -> subprocess.Popen:
     cmd = [
         shutil.which("deepspeed") or "deepspeed",
         "--num_gpus",
@@ -86,9 +86,9 @@ def _launch(run_dir: Path, zero: int, *extra: str) -> subprocess.Popen:
         "configs/demo.yaml",
         "--engine.precision=fp32",
         f"--engine.zero_stage={zero}",
-        "--train.max_steps=10",
+        f"--train.max_steps={steps}",
         "--train.log_every=1",
-        "--checkpoint.every_steps=5",
+        f"--checkpoint.every_steps={every}",
         "--checkpoint.keep_last=1",
         "--checkpoint.keep_every=5",
         "--train.progress=false",
@@ -217,20 +217,7 @@ def test_world_size_change_restores_everything(tmp_path: Path) -> None:
     """A ZeRO-0 checkpoint of 2 ranks resumes on 1 and on 3 ranks with the same queue, key encoder,
     BN buffers and optimizer state, and training goes on."""
     run_dir = tmp_path / "run"
-    cmd = [
-        shutil.which("deepspeed") or "deepspeed",
-        "--num_gpus",
-        "2",
-        "launchers/pretrain.py",
-        "--config",
-        "configs/demo.yaml",
-        "--engine.precision=fp32",
-        "--train.max_steps=4",
-        "--checkpoint.every_steps=4",
-        "--train.progress=false",
-        f"--train.run_dir={run_dir}",
-    ]
-    _finish(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    _finish(_launch(run_dir, 0, steps=4, every=4))
     ckpt = checkpoint.checkpoint_root(run_dir) / "step_00000004"
     from dist_utils import run_ranks
 

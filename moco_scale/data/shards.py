@@ -173,19 +173,25 @@ def list_shards(path: str) -> list[str]:
     return shards
 
 
-def count_samples(shards: list[str]) -> int:
-    """Samples in ``shards``, from a ``manifest.json`` beside them when there is one, else by reading."""
-    counts: dict[str, int] = {}
-    for folder in {str(Path(s).parent) for s in shards}:
-        manifest = Path(folder) / "manifest.json"
+def shard_sizes(shards: list[str]) -> dict[str, int]:
+    """Samples in each shard, from a ``manifest.json`` beside it when there is one, else by reading the tar."""
+    listed: dict[str, int] = {}
+    for folder in {Path(s).parent for s in shards}:
+        manifest = folder / "manifest.json"
         if manifest.is_file():
             for entry in json.loads(manifest.read_text())["shards"]:
-                counts[str(Path(folder) / entry["name"])] = entry["samples"]
-    total = 0
+                listed[str(folder / entry["name"])] = entry["samples"]
+    sizes = {}
     for shard in shards:
-        if shard not in counts:
+        if str(Path(shard)) in listed:
+            sizes[shard] = listed[str(Path(shard))]
+        else:
             with tarfile.open(shard) as tar:
                 names = [Path(m.name) for m in tar.getmembers() if m.isfile()]
-                counts[shard] = len({n.parent / n.name.split(".", 1)[0] for n in names})
-        total += counts[shard]
-    return total
+                sizes[shard] = len({n.parent / n.name.split(".", 1)[0] for n in names})
+    return sizes
+
+
+def count_samples(shards: list[str]) -> int:
+    """Samples in ``shards`` (see :func:`shard_sizes`)."""
+    return sum(shard_sizes(shards).values())

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
-from moco_scale.data.shards import DataError, count_samples
+from moco_scale.data.shards import DataError, shard_sizes
 
 
 def view_transform(spec: ViewSpec) -> T.Compose:
@@ -97,7 +97,7 @@ class TwoViewStream(IterableDataset):
         skip_per_worker: tuple[int, ...] = (),
         worker_offset: int = 0,
     ):
-        self.sizes = {shard: count_samples([shard]) for shard in shards}
+        self.sizes = shard_sizes(shards)
         self.transforms = (view_transform(views[0]), view_transform(views[1]))
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -217,12 +217,12 @@ def two_view_loader(
 ) -> TwoViewBatches:
     """Batches of ``(view1, view2, labels)`` for this rank, forever; ``start_batch`` resumes after that many."""
     readers = max(1, workers)
-    total = count_samples(shards)
-    if total < world_size * readers:
-        raise DataError(f"{total} samples cannot feed {world_size} ranks x {readers} loader workers")
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
     skip = tuple(batch_size * len(range(w, start_batch, readers)) for w in range(readers))
     stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, skip, start_batch % readers)
+    total = sum(stream.sizes.values())
+    if total < world_size * readers:
+        raise DataError(f"{total} samples cannot feed {world_size} ranks x {readers} loader workers")
     loader = DataLoader(
         stream,
         batch_size=batch_size,
