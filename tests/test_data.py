@@ -154,3 +154,17 @@ def test_corrupt_images_are_skipped_counted_and_resume_stays_exact(
     resumed = _batches(two_view_loader(shards, start_batch=9, **kwargs), 3)
     for a, b in zip(seen[9:], resumed, strict=True):
         assert torch.equal(a, b)
+
+
+def test_blur_window_follows_sigma() -> None:
+    from moco_scale.data.augment import blur_window
+    from moco_scale.data.torch_loader import SigmaGaussianBlur
+
+    assert (blur_window(0.1), blur_window(1.0), blur_window(2.0)) == (3, 7, 13)
+    delta = torch.zeros(1, 41, 41)
+    delta[0, 20, 20] = 1.0
+    blurred = SigmaGaussianBlur((1.5, 1.5))(delta)[0]
+    assert abs(blurred.sum().item() - 1.0) < 1e-3  # +-3 sigma keeps all but ~0.3% of the mass
+    offsets = torch.arange(41.0) - 20
+    std = (blurred.sum(0) * offsets.pow(2)).sum().sqrt().item()
+    assert abs(std - 1.5) < 0.1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -22,10 +23,10 @@ class ViewSpec:
     solarize_p: float = 0.0
     flip_p: float = 0.5
 
-    @property
-    def blur_kernel(self) -> int:
-        """An odd kernel about a tenth of the image side, as in SimCLR."""
-        return max(3, int(0.1 * self.size) // 2 * 2 + 1)
+
+def blur_window(sigma: float) -> int:
+    """Taps of a Gaussian blur of ``sigma``: +-3 sigma, like PIL's radius blur in fb/moco (and DALI's default)."""
+    return 2 * math.ceil(3 * sigma) + 1
 
 
 def moco_views(version: str, size: int) -> tuple[ViewSpec, ViewSpec]:

@@ -25,9 +25,22 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
-from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
+from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, blur_window
 from moco_scale.data.shards import DataError, shard_sizes
+
+
+class SigmaGaussianBlur(torch.nn.Module):
+    """Gaussian blur with sigma drawn uniformly from ``sigma_range`` and a window sized to it."""
+
+    def __init__(self, sigma_range: tuple[float, float]):
+        super().__init__()
+        self.sigma_range = sigma_range
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        sigma = float(torch.empty(()).uniform_(*self.sigma_range))
+        return TF.gaussian_blur(image, [blur_window(sigma)] * 2, [sigma, sigma])
 
 
 def view_transform(spec: ViewSpec) -> T.Compose:
@@ -38,7 +51,7 @@ def view_transform(spec: ViewSpec) -> T.Compose:
             T.RandomResizedCrop(spec.size, scale=spec.crop_scale, antialias=True),
             T.RandomApply([T.ColorJitter(*spec.jitter)], p=spec.jitter_p),
             T.RandomGrayscale(p=spec.grayscale_p),
-            T.RandomApply([T.GaussianBlur(spec.blur_kernel, spec.blur_sigma)], p=spec.blur_p),
+            T.RandomApply([SigmaGaussianBlur(spec.blur_sigma)], p=spec.blur_p),
             T.RandomSolarize(threshold=128, p=spec.solarize_p),
             T.RandomHorizontalFlip(p=spec.flip_p),
             T.ToDtype(torch.float32, scale=True),
