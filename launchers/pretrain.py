@@ -35,6 +35,7 @@ from moco_scale.metrics import MetricsLogger
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
 from moco_scale.optim import build_optimizer, key_momentum, learning_rate
+from moco_scale.plot import plot_run
 
 
 def resolve_train_shards(data_path: str) -> list[str]:
@@ -194,7 +195,7 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
             save(step + 1)
     summary = logger.close()
     if ctx.is_main:
-        print(summary, flush=True)
+        print(f"{summary}; plots in {plot_run(run_dir)}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

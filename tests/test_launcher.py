@@ -80,6 +80,7 @@ def _check_outputs(run_dir: Path, steps: int, stdout: str) -> list[dict]:
     assert all({"step", "loss", "lr", "pairs_per_s", "inst_acc"} <= r.keys() for r in records)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == steps
     assert f"done: {steps} steps" in stdout
+    assert (run_dir / "metrics.png").read_bytes().startswith(b"\x89PNG")  # the run's plots
     return records
 
 

@@ -1,0 +1,36 @@
+"""python -m moco_scale.plot RUN_DIR draws metrics.jsonl into metrics.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moco_scale import plot
+
+
+def _write(run_dir: Path, records: list[dict], tail: str = "") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def test_plots_every_logged_quantity(tmp_path: Path) -> None:
+    records = [
+        {"step": s, "loss": 5.5 - 0.01 * s, "lr": 0.1, "pairs_per_s": 80.0, "inst_acc": 0.01 * s}
+        for s in range(5, 55, 5)
+    ]
+    records.append({"step": 50, "loss": 1.0, "lr": 0.1, "pairs_per_s": 80.0, "inst_acc": 0.9})  # after a resume
+    _write(tmp_path, records, tail='{"step": 55, "lo')  # the last line was cut by a crash
+    assert plot.read_metrics(tmp_path)[50]["loss"] == 1.0
+    assert sorted(plot.read_metrics(tmp_path)) == list(range(5, 55, 5))
+    assert plot.main([str(tmp_path)]) == 0
+    png = (tmp_path / "metrics.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
+    assert plot.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "metrics.png").exists()
+    _write(tmp_path, [], tail="not json\n{}\n")
+    assert plot.main([str(tmp_path)]) == 2
+    assert "metrics.jsonl:1 is not JSON" in capsys.readouterr().err
+    assert plot.main([]) == 2
