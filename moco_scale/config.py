@@ -291,12 +291,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 def parse_cli_overrides(flags: dict[str, Any]) -> dict[str, Any]:
-    """Fire hands nested flags over as dicts ({"train": {"max_steps": 50}}); flatten them to dotted names."""
+    """Dotted names for fire's keyword flags: ``--train.max_steps=50`` arrives as ``{"train.max_steps": 50}``,
+    ``--train='{max_steps: 50}'`` as ``{"train": {"max_steps": 50}}``; both give ``{"train.max_steps": 50}``."""
     flat: dict[str, Any] = {}
     for key, value in flags.items():
         if isinstance(value, dict):
-            for sub_key, sub_value in _flatten({key: value}).items():
-                flat[sub_key] = sub_value
+            flat.update(_flatten({key: value}))
         else:
             flat[key] = value
     return flat
