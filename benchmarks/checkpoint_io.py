@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_scale import checkpoint
+from moco_scale.dist.comm import free_port
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
@@ -80,12 +80,6 @@ def arch_and_width(name: str) -> tuple[str, int]:
     if sep and base and width.isdigit():
         return base, int(width)
     return name, 1
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def folder_bytes(path: Path) -> tuple[int, int, str, int]:

@@ -28,7 +28,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_scale.dist import shuffle_bn
+from moco_scale.dist.comm import free_port
 
 try:
     from benchmarks._common import environment, format_table, median, spread, time_interleaved, write_json
@@ -62,12 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.batch, args.image_size, args.steps, args.warmup, args.repeats = 8, 16, 2, 1, 2
     return args
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Reference:

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from moco_scale.dist.comm import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
@@ -39,4 +34,4 @@ def run_ranks(fn: Callable, world_size: int = 2, *args) -> None:
 
     ``fn`` must be a module-level function (it is pickled into spawned processes).
     """
-    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
