@@ -209,7 +209,7 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         validate(cfg, world_size=world_size)
         shards = resolve_train_shards(cfg.data.path)
         resolve_backend(cfg.data.backend, shards)
-        resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir, world_size)
+        resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir)
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

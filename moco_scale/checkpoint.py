@@ -33,10 +33,6 @@ class CheckpointError(ValueError):
     """An unusable checkpoint; the message is one line naming what is wrong."""
 
 
-class CheckpointMismatch(CheckpointError):
-    """A sound checkpoint that this run cannot continue (another world size): never skipped silently."""
-
-
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -117,7 +113,7 @@ def locate(path: str | Path) -> Path:
     return given
 
 
-def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | None:
+def find_resume(resume: str, run_dir: str | Path) -> Path | None:
     """The checkpoint to resume from, checked to be complete: none for ``""``; for ``auto`` the newest
     complete one under ``run_dir`` (falling back past damaged ones with a warning), or none; else the
     given checkpoint, run directory or checkpoints folder, which must be loadable."""
@@ -125,7 +121,7 @@ def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | Non
         return None
     if resume != "auto":
         path = locate(resume)
-        check_loadable(path, world_size)
+        check_loadable(path)
         return path
     root = checkpoint_root(run_dir)
     pointer = root / LATEST
@@ -133,10 +129,8 @@ def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | Non
     candidates = [p for p in _tags_newest_first(root) if latest is None or p.name <= latest.name]
     for path in candidates:
         try:
-            check_loadable(path, world_size)
+            check_loadable(path)
             return path
-        except CheckpointMismatch:
-            raise
         except CheckpointError as err:
             if dist.is_initialized() and dist.get_rank() != 0:
                 continue
@@ -144,8 +138,8 @@ def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | Non
     return None
 
 
-def check_loadable(path: Path, world_size: int) -> None:
-    """One-line errors for a checkpoint this run cannot continue from, found before any compute."""
+def check_loadable(path: Path) -> None:
+    """One-line errors for a damaged or incomplete checkpoint, found before any compute."""
     rank_files = sorted(path.glob("rank_*.pt"))
     if not rank_files:
         raise CheckpointError(f"{path}: no rank_*.pt files; not a moco_scale checkpoint or an incomplete one")
@@ -156,25 +150,23 @@ def check_loadable(path: Path, world_size: int) -> None:
         except (zipfile.BadZipFile, OSError):
             raise CheckpointError(f"{file} is truncated or unreadable") from None
     written_by = torch.load(rank_files[0], weights_only=False)["world_size"]
-    if written_by != world_size and any(path.glob("*zero_pp_rank_*")):
-        raise CheckpointMismatch(
-            f"{path} was written by {written_by} ranks with ZeRO-sharded optimizer state; resuming on "
-            f"{world_size} ranks is supported for ZeRO 0 checkpoints only so far"
-        )
-    missing = [str(_rank_file(path, r).name) for r in range(written_by) if not _rank_file(path, r).is_file()]
+    expected = [_rank_file(path, r) for r in range(written_by)]
+    if any(path.glob("zero_pp_rank_*")):  # ZeRO 1/2: one optimizer shard per rank
+        expected += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(written_by)]
+    missing = [file.name for file in expected if not file.is_file()]
     if missing:
-        raise CheckpointError(f"{path}: missing rank files {', '.join(missing)}")
+        raise CheckpointError(f"{path}: missing {', '.join(missing)}")
 
 
 def load(engine, path: Path) -> tuple[int, dict, int]:
     """Restore the engine (model, key encoder, queue, BN statistics, optimizer) and this rank's RNG.
 
-    Returns (step, loader state, world size that wrote it). On another world size (ZeRO 0 only,
-    whose optimizer state is whole in the model file), ranks the checkpoint did not have take rank
-    0's RNG states, and the caller remaps the loader state.
+    Returns (step, loader state, world size that wrote it). On another world size the engine
+    re-cuts its sharded optimizer state, ranks the checkpoint did not have take rank 0's RNG
+    states, and the caller remaps the loader state.
     """
-    engine.load_checkpoint(str(path.parent), tag=path.name)
     own_file = _rank_file(path, dist.get_rank())
     own = torch.load(own_file if own_file.is_file() else _rank_file(path, 0), weights_only=False)
+    engine.load_checkpoint(str(path.parent), tag=path.name, saved_world_size=own["world_size"])
     set_rng_state(own["rng"])
     return own["step"], own["loader"], own["world_size"]

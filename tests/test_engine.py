@@ -45,7 +45,7 @@ def _train(rank: int, world: int, precision: str, zero_stage: int, out: str) -> 
         expected = scaler.state_dict()
         assert expected["scale"] != 2.0**16 or expected["_growth_tracker"] > 0  # it moved during training
         scaler.update(new_scale=3.0)
-        engine.load_checkpoint(f"{out}.ckpt", "t")
+        engine.load_checkpoint(f"{out}.ckpt", "t", saved_world_size=world)
         assert scaler.state_dict() == expected
     if rank == 0:
         torch.save({"state": model.state_dict(), "losses": losses}, out)

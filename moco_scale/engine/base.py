@@ -25,8 +25,9 @@ class TrainEngine(ABC):
         """Every rank writes its shard of the model and optimizer state under ``save_dir/tag``."""
 
     @abstractmethod
-    def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        """Restore what :meth:`save_checkpoint` wrote."""
+    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int) -> None:
+        """Restore what :meth:`save_checkpoint` wrote on ``saved_world_size`` ranks, re-cutting sharded
+        state when the world size has changed."""
 
     def query_backbone(self) -> torch.nn.Module:
         """The backbone to evaluate and export."""

@@ -10,6 +10,7 @@ which breaks BatchNorm.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,44 @@ def deepspeed_config(precision: str, zero_stage: int, micro_batch: int, world_si
     if precision in AUTOCAST_DTYPES:
         config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision]}
     return config
+
+
+def _partition_for(shards: list[torch.Tensor], rank: int, size: int) -> torch.Tensor:
+    """This rank's ``size``-long slice of the flat tensor whose old partitions are ``shards``.
+
+    ZeRO 1/2 lay a parameter group out as one flat tensor in parameter order, zero-padded at the
+    end to a multiple of the world size, and give rank r the r-th equal slice; so a new world size
+    only moves the cut points (and the amount of end padding)."""
+    flat = torch.cat([shard.flatten() for shard in shards])
+    part = flat[rank * size : (rank + 1) * size]
+    return torch.cat([part, part.new_zeros(size - part.numel())]) if part.numel() < size else part
+
+
+def reshard_zero_optimizer(zero_optimizer: Any, path: Path, saved_world_size: int) -> None:
+    """Restore this rank's ZeRO 1/2 optimizer state (e.g. SGD momentum, Adam moments and step) from
+    the ``saved_world_size`` shards of checkpoint ``path``, cut for the current world size.
+
+    The fp32 master partition, already refreshed from the loaded module, is checked against the
+    re-cut saved one: a mismatch means another parameter layout and raises instead of corrupting."""
+    from deepspeed import comm
+
+    files = [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(saved_world_size)]
+    saved = [torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"] for file in files]
+    rank = comm.get_rank(group=zero_optimizer.dp_process_group)
+    base = zero_optimizer.optimizer
+    for group, master in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+        size = master.numel()
+        saved_master = _partition_for([s["single_partition_of_fp32_groups"][group] for s in saved], rank, size)
+        if not torch.equal(saved_master.to(master.device), master.detach()):
+            raise RuntimeError(f"{path}: the saved ZeRO parameter layout differs from this run's; cannot re-cut it")
+        saved_states = [s["base_optimizer_state"]["state"].get(group, {}) for s in saved]
+        own_numel = saved[0]["single_partition_of_fp32_groups"][group].numel()
+        state = base.state[master]
+        for key, value in saved_states[0].items():
+            if isinstance(value, torch.Tensor) and value.numel() == own_numel:
+                value = _partition_for([s[key] for s in saved_states], rank, size)
+            state[key] = value.to(master.device) if isinstance(value, torch.Tensor) else value
+    zero_optimizer._lazy_init_hp_params_optimizer_state()  # DeepSpeed's per-parameter views of the state
 
 
 class DeepSpeedEngine(TrainEngine):
@@ -76,10 +115,17 @@ class DeepSpeedEngine(TrainEngine):
             client_state = {**client_state, "grad_scaler": scaler.state_dict()}
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
 
-    def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        load_path, client_state = self.engine.load_checkpoint(load_dir, tag=tag)
+    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int) -> None:
+        resharding = self.engine.zero_optimization() and saved_world_size != self.engine.dp_world_size
+        # DeepSpeed refuses ZeRO optimizer shards of another world size: load the module (both
+        # encoders, queue, BN buffers) through it, and re-cut the optimizer shards ourselves.
+        load_path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_module_only=resharding)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
+        if resharding:
+            reshard_zero_optimizer(self.engine.optimizer, Path(load_dir) / tag, saved_world_size)
+            for counter in ("global_steps", "global_samples", "skipped_steps"):
+                setattr(self.engine, counter, client_state[counter])
         scaler = self._grad_scaler()
         if scaler is not None and "grad_scaler" in client_state:
             scaler.load_state_dict(client_state["grad_scaler"])
