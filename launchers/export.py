@@ -35,56 +35,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moco_scale import checkpoint
-
-MODEL_FILE = "mp_rank_00_model_states.pt"
-BACKBONE = "encoder_q.backbone."
-HEAD = "encoder_q.head."
-
-
-class ExportError(ValueError):
-    """Unusable input; the message is one line."""
-
-
-def model_file(ckpt: Path) -> Path:
-    """Rank 0's DeepSpeed model file in ``ckpt``."""
-    if (ckpt / MODEL_FILE).is_file():
-        return ckpt / MODEL_FILE
-    found = sorted(ckpt.glob("*model_states.pt"))
-    if not found:
-        raise ExportError(f"{str(ckpt)!r} holds no checkpoint (no *model_states.pt, no latest)")
-    return found[0]
-
-
-def load_model_states(file: Path) -> dict[str, Any]:
-    """The model file's contents on the CPU, memory-mapped when possible; one-line error if unreadable."""
-    try:
-        states = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
-        raise ExportError(f"{file}: unreadable or truncated checkpoint file ({reason})") from None
-    if not isinstance(states, dict) or not any(k.startswith(BACKBONE) for k in states.get("module", {})):
-        raise ExportError(f"{file}: no {BACKBONE}* tensors; not a moco_scale checkpoint")
-    return states
-
-
-def strip(module: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Entries under ``prefix``, renamed without it, as standalone contiguous copies.
-
-    Copies, because under ZeRO 1/2 the stored tensors are views of one flat buffer that
-    ``torch.save`` would otherwise write out whole.
-    """
-    return {
-        k[len(prefix) :]: v.detach().clone(memory_format=torch.contiguous_format)
-        for k, v in module.items()
-        if k.startswith(prefix)
-    }
+from moco_scale.weights import BACKBONE, HEAD, WeightsError, load_model_states, model_file, strip
 
 
 def export(ckpt: Path, out: Path, layout: str) -> str:
@@ -175,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = checkpoint.locate(args.ckpt)
         print(describe(ckpt) if args.inspect else export(ckpt, Path(args.out), args.layout))
-    except (ExportError, checkpoint.CheckpointError) as err:
+    except (WeightsError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -31,18 +31,23 @@ from moco_scale.data.loader import remap_state, resolve_backend, two_view_batche
 from moco_scale.data.shards import DataError, count_samples, list_shards
 from moco_scale.dist.comm import DistInfo, init_distributed
 from moco_scale.engine.deepspeed import DeepSpeedEngine
-from moco_scale.metrics import MetricsLogger
+from moco_scale.eval.knn import KnnMonitor
+from moco_scale.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
 from moco_scale.optim import build_optimizer, key_momentum, learning_rate
 from moco_scale.plot import plot_run
 
 
-def resolve_train_shards(data_path: str) -> list[str]:
-    """``demo`` means the built-in digits shards (written on first use); anything else is listed as given."""
-    if data_path == "demo":
-        return list_shards(str(ensure_demo_shards()["train"]))
-    return list_shards(data_path)
+def resolve_shards(cfg: Config) -> tuple[list[str], list[str], list[str]]:
+    """The training shards, and the kNN monitor's bank and held-out shards (none while it is off).
+    ``demo`` means the built-in digits (written on first use): its training and held-out splits."""
+    demo = {name: str(path) for name, path in ensure_demo_shards().items()} if cfg.data.path == "demo" else {}
+    train = list_shards(demo.get("train", cfg.data.path))
+    if not cfg.eval.every_steps:
+        return train, [], []
+    bank = list_shards(cfg.eval.bank_path, "eval.bank_path") if cfg.eval.bank_path else train
+    return train, bank, list_shards(cfg.eval.val_path or demo["val"], "eval.val_path")
 
 
 def seed_everything(seed: int) -> None:
@@ -109,10 +114,11 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Deep
     return model, engine
 
 
-def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
+def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[str], resume_from: Path | None) -> None:
     ctx = init_distributed(cfg.engine.device)
     global_batch = cfg.train.batch_size * ctx.world_size
-    steps_per_epoch = math.ceil(count_samples(shards) / global_batch)
+    num_samples = count_samples(shards)
+    steps_per_epoch = math.ceil(num_samples / global_batch)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup_steps = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.optim.base_lr * global_batch / 256
@@ -143,6 +149,20 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
         uses_channels_last(cfg, ctx),
         state=loader_state,
     )
+    knn = None
+    if cfg.eval.every_steps:
+        knn = KnnMonitor(
+            knn_bank,
+            knn_val,
+            cfg.data.image_size,
+            cfg.eval.batch_size,
+            ctx.rank,
+            ctx.world_size,
+            workers=cfg.data.workers,
+            k=cfg.eval.knn_k,
+            temperature=cfg.eval.knn_temperature,
+            pin_memory=ctx.device.type == "cuda",
+        )
     stop = StopRequest()
 
     def save(step: int) -> None:
@@ -157,6 +177,19 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
         )
 
     logger = MetricsLogger(run_dir, total_steps, start_step, enabled=ctx.is_main, progress=cfg.train.progress)
+    m = cfg.moco
+    if warning := queue_size_warning(m.version, m.queue_size, num_samples):
+        logger.warn(warning)
+    collapse = CollapseWatch(
+        chance_loss(m.version, m.queue_size, global_batch, m.temperature),
+        start_step=max(warmup_steps, 2 * math.ceil(m.queue_size / global_batch)),
+    )
+
+    def knn_due(step: int) -> bool:
+        return knn is not None and (step % cfg.eval.every_steps == 0 or step == total_steps)
+
+    if start_step == 0 and knn_due(0):
+        logger.log({"step": 0, "knn_top1": knn(engine.query_backbone())})  # the random-init baseline
     model.train()
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start_step, total_steps):
@@ -168,11 +201,13 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
         out = engine.train_step(view1, view2, lr=lr, momentum=momentum, step=step)
         logger.advance()
         window_steps += 1
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or knn_due(step + 1):
             stats = torch.stack([out.loss.float(), out.inst_acc.float()])
             dist.all_reduce(stats)
             stats /= ctx.world_size
             elapsed = time.perf_counter() - window_start
+            if warning := collapse.update(step + 1, stats[0].item()):
+                logger.warn(warning)
             logger.log(
                 {
                     "step": step + 1,
@@ -182,6 +217,7 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
                     "momentum": momentum,
                     "pairs_per_s": window_steps * global_batch / elapsed,
                     **({"bad_samples": batches.bad_samples} if hasattr(batches, "bad_samples") else {}),
+                    **({"knn_top1": knn(engine.query_backbone())} if knn_due(step + 1) else {}),
                 }
             )
             window_start, window_steps = time.perf_counter(), 0
@@ -195,7 +231,7 @@ def pretrain(cfg: Config, shards: list[str], resume_from: Path | None) -> None:
             save(step + 1)
     summary = logger.close()
     if ctx.is_main:
-        print(f"{summary}; plots in {plot_run(run_dir)}", flush=True)
+        print(f"{summary}; plots: {', '.join(map(str, plot_run(run_dir)))}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -207,13 +243,13 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         cfg = load_config(config, parse_cli_overrides(overrides))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size=world_size)
-        shards = resolve_train_shards(cfg.data.path)
+        shards, knn_bank, knn_val = resolve_shards(cfg)
         resolve_backend(cfg.data.backend, shards)
         resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir)
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    pretrain(cfg, shards, resume_from)
+    pretrain(cfg, shards, knn_bank, knn_val, resume_from)
 
 
 if __name__ == "__main__":

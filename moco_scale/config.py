@@ -99,8 +99,11 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0
-    knn_k: int = 200
+    every_steps: int = 0  # kNN monitor: 0 off; N > 0 at step 0, every N steps and at the end
+    bank_path: str = ""  # labelled shards whose features form the kNN bank ("": data.path)
+    val_path: str = ""  # labelled held-out shards to classify ("": the demo's held-out split, for data.path=demo)
+    batch_size: int = 256
+    knn_k: int = 200  # fb/moco's kNN monitor: k=200, T=0.1
     knn_temperature: float = 0.1
 
 
@@ -246,6 +249,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "data.image_size": cfg.data.image_size,
         "moco.temperature": m.temperature,
         "optim.base_lr": o.base_lr,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.knn_k": cfg.eval.knn_k,
+        "eval.knn_temperature": cfg.eval.knn_temperature,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -272,8 +278,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"moco.queue_size must be > 0 for MoCo {m.version}, got {m.queue_size}")
     if m.version == "v3" and m.shuffle_bn == "shuffle":
         raise ConfigError("moco.shuffle_bn=shuffle is for v1/v2; MoCo v3 uses sync or none")
-    if cfg.eval.every_steps:
-        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}: the kNN monitor is not implemented yet")
+    if cfg.eval.every_steps and not cfg.eval.val_path and cfg.data.path != "demo":
+        raise ConfigError("eval.every_steps is set but eval.val_path is empty: name the labelled held-out shards")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     if world_size is not None:

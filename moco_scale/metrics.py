@@ -1,8 +1,11 @@
-"""Run output: the rank-0 progress bar, ``metrics.jsonl`` (one flushed line per log step), the summary."""
+"""Run output: the rank-0 progress bar, ``metrics.jsonl`` (one flushed line per log step), the summary,
+and training-health warnings."""
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,11 @@ class MetricsLogger:
         shown = {k: record[k] for k in ("loss", "inst_acc", "lr", "pairs_per_s", "knn_top1") if k in record}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
+    def warn(self, message: str) -> None:
+        """A one-line warning on stderr that does not break the progress bar (rank 0 only)."""
+        if self.enabled:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
 
@@ -51,3 +59,57 @@ class MetricsLogger:
             f"{k}={v:.4g}" for k, v in self.last.items() if k not in ("time", "step") and isinstance(v, float)
         )
         return f"done: {self.last.get('step', 0)} steps in {elapsed:.1f}s; last {last}; metrics in {self.path}"
+
+
+def chance_loss(version: str, queue_size: int, global_batch: int, temperature: float) -> float:
+    """The loss when a query cannot tell its key from the negatives (all logits equal): ln(K+1) with a
+    queue; for v3, whose loss is 2T x (CE_12 + CE_21) over the global batch, 4T ln(N)."""
+    if version == "v3":
+        return 4 * temperature * math.log(global_batch)
+    return math.log(queue_size + 1)
+
+
+def queue_size_warning(version: str, queue_size: int, num_samples: int) -> str | None:
+    """A queue over a quarter of the dataset holds each image's own keys from recent epochs as
+    negatives, which can drive training to collapse (seen on the 1,497 digits with K=1024)."""
+    if version == "v3" or 4 * queue_size <= num_samples:
+        return None
+    return (
+        f"moco.queue_size={queue_size} is over a quarter of the {num_samples:,} training samples: an image's own "
+        f"earlier keys sit in the queue as negatives, which can collapse the loss to ln(K+1)="
+        f"{math.log(queue_size + 1):.2f}; use K <= {num_samples // 4}"
+    )
+
+
+class CollapseWatch:
+    """Warns once when the loss drifts toward chance (:func:`chance_loss`), the mark of a collapsed
+    representation whose queries match every candidate alike.
+
+    The loss is smoothed (exponential average over logged values) and watched from ``start_step`` on
+    (after warm-up and once the queue holds real keys: its random initial entries make early losses
+    low). It warns when the smoothed loss, having once been at least three ``tolerance`` (relative)
+    below chance, has given back a quarter of that gain. On the 1,497 digits with K=1024 the loss fell
+    to 5.7 and then climbed back toward ln(1025) = 6.93; the rule fires there at about 6.1. A loss
+    that has not yet left chance (early in a short run) is not flagged.
+    """
+
+    def __init__(self, chance: float, start_step: int, tolerance: float = 0.01):
+        self.chance, self.start_step, self.tolerance = chance, start_step, tolerance
+        self.smoothed: float | None = None
+        self.best = math.inf
+        self.warned = False
+
+    def update(self, step: int, loss: float) -> str | None:
+        """Feed the loss logged at ``step``; returns the warning the first time the rule fires."""
+        if step < self.start_step or self.warned or not math.isfinite(loss):
+            return None
+        self.smoothed = loss if self.smoothed is None else 0.7 * self.smoothed + 0.3 * loss
+        self.best = min(self.best, self.smoothed)
+        learned = self.best <= self.chance * (1 - 3 * self.tolerance)
+        if not (learned and self.smoothed - self.best >= (self.chance - self.best) / 4):
+            return None
+        self.warned = True
+        return (
+            f"possible collapse at step {step}: loss {self.smoothed:.3f} drifts back from {self.best:.3f} toward "
+            f"chance {self.chance:.3f}; check inst_acc and knn_top1, and lower the learning rate or the queue size"
+        )

@@ -1,8 +1,11 @@
-"""Plots of a run: ``python -m moco_scale.plot RUN_DIR`` writes ``RUN_DIR/metrics.png`` from ``metrics.jsonl``.
+"""Plots of a run: ``python -m moco_scale.plot RUN_DIR`` draws ``metrics.jsonl`` into PNGs beside it.
 
-One panel per logged quantity against the step (loss, instance accuracy, learning rate, key
-momentum, pairs/s, and kNN top-1 once it is logged); a resumed run's repeated steps are drawn as
-logged, the later record winning.
+- ``metrics.png``: one panel per logged quantity against the step (loss, instance accuracy, learning
+  rate, key momentum, pairs/s, kNN top-1, bad samples);
+- ``step_time.png``: where a step's time goes (the ``ms_<stage>`` records of the stage timer),
+  stacked against the step, and the run's mean share of each stage.
+
+A resumed run's repeated steps are drawn as logged, the later record winning.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
 
+STAGE_PREFIX = "ms_"  # per-stage milliseconds of a step, as the training loop logs them
 PANELS = {
     "loss": "InfoNCE loss",
     "inst_acc": "instance accuracy",
@@ -46,10 +50,17 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
     return records
 
 
-def plot_run(run_dir: str | Path) -> Path:
-    """Write ``metrics.png`` into ``run_dir`` and return its path."""
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write the run's PNGs into ``run_dir`` and return their paths."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
+    written = [_plot_metrics(run_dir, records)]
+    if any(key.startswith(STAGE_PREFIX) for record in records.values() for key in record):
+        written.append(_plot_step_time(run_dir, records))
+    return written
+
+
+def _plot_metrics(run_dir: Path, records: dict[int, dict]) -> Path:
     steps = sorted(records)
     shown = [key for key in PANELS if any(key in records[s] for s in steps)]
     columns = min(3, len(shown))
@@ -71,13 +82,38 @@ def plot_run(run_dir: str | Path) -> Path:
     return out
 
 
+def _plot_step_time(run_dir: Path, records: dict[int, dict]) -> Path:
+    steps = [s for s in sorted(records) if any(k.startswith(STAGE_PREFIX) for k in records[s])]
+    stages = list(dict.fromkeys(k for s in steps for k in records[s] if k.startswith(STAGE_PREFIX)))
+    stages = [k for k in stages if k != f"{STAGE_PREFIX}step"]  # the total, which the stack adds up to
+    ms = [[records[s].get(k, 0.0) for s in steps] for k in stages]
+    names = [k.removeprefix(STAGE_PREFIX) for k in stages]
+    figure = Figure(figsize=(12, 4))
+    over_time, shares = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    over_time.stackplot(steps, ms, labels=names)
+    over_time.set_title("step time by stage (ms)")
+    over_time.set_xlabel("step")
+    over_time.legend(loc="upper left", fontsize="small", ncols=2)
+    over_time.grid(alpha=0.3)
+    means = [sum(row) / len(row) for row in ms]
+    total = sum(means) or 1.0
+    shares.barh(names[::-1], [100 * m / total for m in means[::-1]])
+    shares.set_title(f"mean share of a {total:.0f} ms step (%)")
+    shares.grid(alpha=0.3, axis="x")
+    figure.suptitle(str(run_dir))
+    figure.tight_layout()
+    out = run_dir / "step_time.png"
+    figure.savefig(out, dpi=100)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m moco_scale.plot RUN_DIR", file=sys.stderr)
         return 2
     try:
-        print(plot_run(args[0]))
+        print("\n".join(str(path) for path in plot_run(args[0])))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -90,6 +90,7 @@ def _launch(run_dir: Path, zero: int, *extra: str, steps: int = 10, every: int =
         "--checkpoint.keep_last=1",
         "--checkpoint.keep_every=5",
         "--train.progress=false",
+        "--eval.every_steps=0",
         f"--train.run_dir={run_dir}",
         *extra,
     ]
@@ -254,6 +255,7 @@ def test_world_size_change_restores_everything(tmp_path: Path, zero: int) -> Non
             "--train.max_steps=6",
             "--train.log_every=1",
             "--train.progress=false",
+            "--eval.every_steps=0",
             "--checkpoint.resume=auto",
             f"--train.run_dir={run_dir}",
         ],

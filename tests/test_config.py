@@ -46,7 +46,8 @@ def test_overrides_are_typed() -> None:
         ({"engine.zero_stage": 3}, "engine.zero_stage must be 0, 1 or 2"),
         ({"moco.version": "v3", "moco.shuffle_bn": "shuffle"}, "MoCo v3 uses sync or none"),
         ({"train": 5}, "names a section, not a field"),
-        ({"eval.every_steps": 10}, "eval.every_steps=10: the kNN monitor is not implemented yet"),
+        ({"eval.every_steps": 10, "data.path": "/data/shards"}, "eval.every_steps is set but eval.val_path is empty"),
+        ({"eval.knn_k": 0}, "eval.knn_k must be > 0"),
         ({"checkpoint.keep_last": 0}, "checkpoint.keep_last must be >= 1"),
     ],
 )

@@ -30,9 +30,12 @@ def _load_launcher():
 def _bad_inputs(tmp: Path) -> list[tuple[dict, str]]:
     (tmp / "empty").mkdir(exist_ok=True)
     return [
-        ({"data.path": str(tmp / "missing")}, "data.path: '.*missing' does not exist"),
-        ({"data.path": str(tmp / "empty")}, "data.path: folder '.*empty' holds no .tar shards"),
-        ({"data.path": str(tmp / "empty" / "*.tar")}, "data.path: no .tar shards match"),
+        ({"data.path": str(tmp / "missing"), "eval.every_steps": 0}, "data.path: '.*missing' does not exist"),
+        ({"data.path": str(tmp / "empty"), "eval.every_steps": 0}, "data.path: folder '.*empty' holds no .tar"),
+        ({"data.path": str(tmp / "empty" / "*.tar"), "eval.every_steps": 0}, "data.path: no .tar shards match"),
+        ({"data.path": str(tmp / "empty")}, "eval.every_steps is set but eval.val_path is empty"),
+        ({"eval.val_path": str(tmp / "missing")}, "eval.val_path: '.*missing' does not exist"),
+        ({"eval.bank_path": str(tmp / "empty")}, "eval.bank_path: folder '.*empty' holds no .tar"),
         ({"model.arch": "resnet5O"}, "model.arch: unknown arch 'resnet5O'; choices: resnet18"),
         ({"moco.queue_size": 16, "train.batch_size": 32}, "moco.queue_size=16 is smaller than the global batch 32"),
         ({"moco.momentum": 1.5}, r"moco.momentum must be in \[0, 1\), got 1.5"),
@@ -75,7 +78,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _check_outputs(run_dir: Path, steps: int, stdout: str) -> list[dict]:
-    records = _metrics(run_dir)
+    """The training records (the kNN monitor's step-0 record aside), after checking the run's outputs."""
+    records = [r for r in _metrics(run_dir) if r["step"] > 0]
     assert records[-1]["step"] == steps
     assert all({"step", "loss", "lr", "pairs_per_s", "inst_acc"} <= r.keys() for r in records)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == steps
@@ -104,6 +108,9 @@ def test_deepspeed_two_ranks_demo_learns(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = _check_outputs(run_dir, 60, result.stdout)
+    knn = {r["step"]: r["knn_top1"] for r in _metrics(run_dir) if "knn_top1" in r}
+    assert sorted(knn) == [0, 50, 60] and all(0 < v <= 100 for v in knn.values())  # random init, every 50, end
+    assert "warning:" not in result.stderr  # a healthy run: no collapse, K well below the data
     losses = [r["loss"] for r in records]
     first_half_peak = max(losses[: len(losses) // 2])
     last = sum(losses[-3:]) / 3
@@ -153,6 +160,8 @@ def test_single_process_run(tmp_path: Path) -> None:
             "--train.max_steps=3",
             "--train.log_every=1",
             "--engine.precision=bf16",
+            "--eval.every_steps=0",
+            "--moco.queue_size=1024",
             f"--train.run_dir={run_dir}",
         ],
         timeout=600,
@@ -160,3 +169,4 @@ def test_single_process_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = _check_outputs(run_dir, 3, result.stdout)
     assert [r["step"] for r in records] == [1, 2, 3]
+    assert "warning: moco.queue_size=1024 is over a quarter of the 1,497 training samples" in result.stderr

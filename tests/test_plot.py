@@ -25,6 +25,17 @@ def test_plots_every_logged_quantity(tmp_path: Path) -> None:
     assert plot.main([str(tmp_path)]) == 0
     png = (tmp_path / "metrics.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert not (tmp_path / "step_time.png").exists()  # no stage times logged
+
+
+def test_step_time_breakdown(tmp_path: Path) -> None:
+    stages = {"ms_data_wait": 5.0, "ms_query_fwd_bwd": 60.0, "ms_key_fwd": 20.0, "ms_ema": 1.0, "ms_step": 86.0}
+    records = [{"step": s, "loss": 5.0, **stages} for s in range(5, 55, 5)]
+    records.insert(0, {"step": 0, "knn_top1": 76.0})  # the step-0 kNN record has no stage times
+    _write(tmp_path, records)
+    written = plot.plot_run(tmp_path)
+    assert [p.name for p in written] == ["metrics.png", "step_time.png"]
+    assert (tmp_path / "step_time.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bad_input_is_one_line(tmp_path: Path, capsys) -> None:

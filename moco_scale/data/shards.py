@@ -153,23 +153,24 @@ def all_decode_checked(shards: list[str]) -> bool:
     return all(str(Path(s)) in checked for s in shards)
 
 
-def list_shards(path: str) -> list[str]:
-    """The sorted ``.tar`` shards of a folder or a glob; a one-line :class:`DataError` when there are none."""
+def list_shards(path: str, name: str = "data.path") -> list[str]:
+    """The sorted ``.tar`` shards of a folder or a glob; a one-line :class:`DataError` naming the setting
+    ``name`` when there are none."""
     if any(ch in path for ch in "*?["):
         shards = sorted(p for p in glob.glob(path) if p.endswith(".tar"))
         if not shards:
-            raise DataError(f"data.path: no .tar shards match {path!r}")
+            raise DataError(f"{name}: no .tar shards match {path!r}")
         return shards
     p = Path(path)
     if not p.exists():
-        raise DataError(f"data.path: {path!r} does not exist")
+        raise DataError(f"{name}: {path!r} does not exist")
     if p.is_file():
         if p.suffix != ".tar":
-            raise DataError(f"data.path: {path!r} is not a .tar shard")
+            raise DataError(f"{name}: {path!r} is not a .tar shard")
         return [str(p)]
     shards = sorted(str(s) for s in p.glob("*.tar"))
     if not shards:
-        raise DataError(f"data.path: folder {path!r} holds no .tar shards")
+        raise DataError(f"{name}: folder {path!r} holds no .tar shards")
     return shards
 
 

@@ -1,0 +1,209 @@
+"""One-view labelled loaders: the deterministic evaluation pass, and the linear probe's training stream.
+
+Evaluation (:func:`eval_loader`). The samples are put in one fixed order: shards sorted by path,
+then the order inside each tar. Rank r of W takes samples ``[r N // W, (r + 1) N // W)``, so over
+all ranks every sample is evaluated exactly once and no remainder is dropped. A rank cuts its block
+into batches; worker w of R builds batches w, w + R, ..., which the DataLoader's round robin hands
+out in turn, so the batches of all ranks, concatenated in rank order, follow the shards' order for
+any world size and worker count. Each worker reads (without decoding) the samples before its last
+batch in every shard it needs. Undecodable samples are skipped: the batch that held one is smaller.
+
+The evaluation view resizes the shorter side and takes the centre crop of ``image_size``: resized to
+``image_size`` itself below 64 px (small images such as the demo's 32 px digits are used whole),
+to ``image_size / 0.875`` from 64 px on (ImageNet's 256 -> 224 protocol). Both modes normalise
+with the training views' mean and std.
+
+Training (:func:`train_loader`). MoCo's linear-evaluation augmentation, a random-resized crop
+(scale 0.08-1) and a horizontal flip, over the two-view loader's reader
+(:class:`~moco_scale.data.torch_loader.TwoViewStream`): the same per-rank sharding, shuffling and
+per-sample seeding; endless.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2 as T
+
+from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
+from moco_scale.data.shards import DataError, shard_sizes
+from moco_scale.data.torch_loader import TwoViewStream, decode_sample, view_transform
+
+CENTRE_CROP_FROM = 64  # px: from this size on, resize to size / 0.875 and centre-crop
+CROP_FRACTION = 0.875
+
+
+def linear_eval_view(size: int) -> ViewSpec:
+    """MoCo's linear-classification training view: random-resized crop (scale 0.08-1) and flip only."""
+    return ViewSpec(size, crop_scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+
+
+def eval_transform(size: int) -> T.Compose:
+    """Resize the shorter side, centre-crop ``size``, normalise (see the module docstring)."""
+    resize = round(size / CROP_FRACTION) if size >= CENTRE_CROP_FROM else size
+    return T.Compose(
+        [
+            T.PILToTensor(),
+            T.Resize(resize, antialias=True),
+            T.CenterCrop(size),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def num_classes_of(shards: list[str]) -> int | None:
+    """The number of class names that the shards' ``manifest.json`` files list; None when none lists any."""
+    counts = set()
+    for folder in sorted({Path(s).parent for s in shards}):
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            names = json.loads(manifest.read_text()).get("class_names")
+            if names:
+                counts.add(len(names))
+    if len(counts) > 1:
+        raise DataError(f"the manifests of {shards[0]}... list different numbers of classes: {sorted(counts)}")
+    return counts.pop() if counts else None
+
+
+class EvalBatches(IterableDataset):
+    """This rank's ``(images, labels)`` batches of one evaluation pass (see the module docstring)."""
+
+    def __init__(self, shards: list[str], image_size: int, batch_size: int, rank: int, world_size: int):
+        sizes = shard_sizes(shards)
+        self.order = sorted(sizes)
+        self.sizes = [sizes[s] for s in self.order]
+        total = sum(self.sizes)
+        self.start, self.stop = rank * total // world_size, (rank + 1) * total // world_size
+        self.batch_size = batch_size
+        self.transform = eval_transform(image_size)
+
+    def _own_batch(self, position: int, worker: int, workers: int) -> int | None:
+        """The index within this rank of the batch that holds ``position``, if it is this worker's."""
+        if not self.start <= position < self.stop:
+            return None
+        batch = (position - self.start) // self.batch_size
+        return batch if batch % workers == worker else None
+
+    def _last_position(self, worker: int, workers: int) -> int:
+        """One past the last position that this worker decodes (``start`` when it has no batch)."""
+        batches = -(-(self.stop - self.start) // self.batch_size)
+        mine = [b for b in range(batches) if b % workers == worker]
+        if not mine:
+            return self.start
+        return min(self.stop, self.start + (mine[-1] + 1) * self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        end = self._last_position(worker, workers)
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        current: int | None = None
+        offset = 0
+        for shard, size in zip(self.order, self.sizes, strict=True):
+            shard_offset, offset = offset, offset + size
+            if shard_offset >= end or offset <= self.start:
+                continue
+            stream = wds.WebDataset(
+                [shard],
+                shardshuffle=False,
+                nodesplitter=None,
+                workersplitter=None,
+                empty_check=False,
+                handler=wds.warn_and_continue,
+            )
+            for index, sample in enumerate(stream):
+                position = shard_offset + index
+                if position >= end:
+                    break
+                batch = self._own_batch(position, worker, workers)
+                if batch is None:
+                    continue
+                if batch != current and images:
+                    yield torch.stack(images), torch.tensor(labels)
+                    images, labels = [], []
+                current = batch
+                try:
+                    image, label = decode_sample(sample)
+                except (OSError, ValueError):
+                    continue
+                images.append(self.transform(image))
+                labels.append(label)
+        if images:
+            yield torch.stack(images), torch.tensor(labels)
+
+
+def eval_loader(
+    shards: list[str],
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Re-iterable ``(images, labels)`` batches of this rank's share of one pass over ``shards``."""
+    return DataLoader(
+        EvalBatches(shards, image_size, batch_size, rank, world_size),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+    )
+
+
+class LabelledTrainStream(IterableDataset):
+    """An endless stream of ``(view, label)`` for one rank: the linear-evaluation view of each sample."""
+
+    def __init__(self, shards: list[str], image_size: int, rank: int, world_size: int, seed: int, shuffle_buffer: int):
+        view = linear_eval_view(image_size)
+        self.reader = TwoViewStream(shards, (view, view), rank, world_size, seed, shuffle_buffer)
+        self.transform = view_transform(view)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        total = sum(self.reader.sizes.values())
+        failed_in_a_row = 0
+        for epoch, position, sample in self.reader.raw_stream():
+            try:
+                image, label = decode_sample(sample)
+            except (OSError, ValueError):
+                failed_in_a_row += 1
+                if failed_in_a_row > total:
+                    raise DataError("every sample failed to decode: the shards hold no usable image") from None
+                continue
+            failed_in_a_row = 0
+            torch.manual_seed(hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF)
+            yield self.transform(image), label
+
+
+def train_loader(
+    shards: list[str],
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int = 0,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(images, labels)`` batches of augmented training views for this rank."""
+    stream = LabelledTrainStream(shards, image_size, rank, world_size, seed, shuffle_buffer)
+    total, readers = sum(stream.reader.sizes.values()), world_size * max(1, workers)
+    if total < readers:
+        raise DataError(f"{total} samples cannot feed {world_size} ranks x {max(1, workers)} loader workers")
+    loader = DataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
+    return iter(loader)

@@ -1,0 +1,80 @@
+"""A pretrained query backbone's weights: read from a checkpoint, or from a file that launchers/export.py wrote.
+
+Only rank 0's DeepSpeed model file is read (ZeRO stages 0-2 keep the whole module there).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moco_scale import checkpoint
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+BACKBONE = "encoder_q.backbone."
+HEAD = "encoder_q.head."
+FBMOCO_PREFIX = "module.encoder_q."
+
+
+class WeightsError(ValueError):
+    """Unusable weights; the message is one line."""
+
+
+def model_file(ckpt: Path) -> Path:
+    """Rank 0's DeepSpeed model file in ``ckpt``."""
+    if (ckpt / MODEL_FILE).is_file():
+        return ckpt / MODEL_FILE
+    found = sorted(ckpt.glob("*model_states.pt"))
+    if not found:
+        raise WeightsError(f"{str(ckpt)!r} holds no checkpoint (no *model_states.pt, no latest)")
+    return found[0]
+
+
+def load_model_states(file: Path) -> dict[str, Any]:
+    """The model file's contents on the CPU, memory-mapped when possible; one-line error if unreadable."""
+    try:
+        states = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise WeightsError(f"{file}: unreadable or truncated checkpoint file ({reason})") from None
+    if not isinstance(states, dict) or not any(k.startswith(BACKBONE) for k in states.get("module", {})):
+        raise WeightsError(f"{file}: no {BACKBONE}* tensors; not a moco_scale checkpoint")
+    return states
+
+
+def strip(module: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries under ``prefix``, renamed without it, as standalone contiguous copies.
+
+    Copies, because under ZeRO 1/2 the stored tensors are views of one flat buffer that
+    ``torch.save`` would otherwise write out whole.
+    """
+    return {
+        k[len(prefix) :]: v.detach().clone(memory_format=torch.contiguous_format)
+        for k, v in module.items()
+        if k.startswith(prefix)
+    }
+
+
+def load_backbone(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The query backbone's ``state_dict`` (torchvision names, no ``fc.*``) and the run's config (``{}`` when
+    unknown) from a checkpoint folder, a run's checkpoints folder or run directory, or an exported file
+    (``--layout torchvision`` or ``fbmoco``)."""
+    path = Path(source)
+    if path.is_dir():
+        states = load_model_states(model_file(checkpoint.locate(path)))
+        return strip(states["module"], BACKBONE), dict(states.get("config") or {})
+    if not path.is_file():
+        raise WeightsError(f"{str(path)!r} does not exist")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise WeightsError(f"{path}: unreadable weights file ({reason})") from None
+    if isinstance(saved, dict) and isinstance(saved.get("state_dict"), dict):  # fb/moco's layout
+        saved = strip(saved["state_dict"], FBMOCO_PREFIX)
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise WeightsError(f"{path}: not a state_dict of tensors")
+    return {k: v for k, v in saved.items() if not k.startswith("fc.")}, {}
