@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco_scale import profiling
 from moco_scale.dist import shuffle_bn
 from moco_scale.dist.comm import all_gather_concat, rank
 from moco_scale.dist.ema import MomentumUpdater
@@ -110,16 +111,19 @@ class MoCo(nn.Module):
         self.cuda_graph_ema = cuda_graph_ema
         self._updater: MomentumUpdater | None = None
 
+    @profiling.timed("ema")
     def momentum_update(self, momentum: float) -> None:
         """key encoder <- momentum * key encoder + (1 - momentum) * query encoder."""
         if self._updater is None:  # built on first use: moving the module replaces its buffers
             self._updater = MomentumUpdater(self.encoder_q, self.encoder_k, self.key_bn_buffers, self.cuda_graph_ema)
         self._updater(momentum)
 
+    @profiling.timed("query_fwd_bwd")
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         q = self.encoder_q(x)
         return self.predictor(q) if self.predictor is not None else q
 
+    @profiling.timed("key_fwd")
     @torch.no_grad()
     def _key(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if not self.shuffle_keys:
@@ -134,16 +138,17 @@ class MoCo(nn.Module):
         q = F.normalize(self._query(view1), dim=1)
         self.momentum_update(momentum)
         k = self._key(view2, step)
-        with torch.autocast(q.device.type, enabled=False):
+        with profiling.stage("queue_loss"), torch.autocast(q.device.type, enabled=False):
             q, k = q.float(), k.float()
             positive = (q * k).sum(dim=1, keepdim=True)
             negatives = q @ self.queue.keys.clone().T
             logits = torch.cat([positive, negatives], dim=1) / self.temperature
             labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
             loss, accuracy = info_nce(logits, labels)
-        self.queue.enqueue(k)
+            self.queue.enqueue(k)
         return MocoOutput(loss, accuracy)
 
+    @profiling.timed("queue_loss")
     def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v3: each query against the keys of the whole global batch; its own key is the positive."""
         with torch.autocast(q.device.type, enabled=False):

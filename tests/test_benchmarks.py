@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ("ema.py", "ratio_vs_copy"),
         ("shuffle_bn.py", "ratio_vs_reference"),
         ("checkpoint_io.py", "save_s_max"),
+        pytest.param("throughput.py", "ratio_vs_reference", marks=pytest.mark.slow),  # 2 ranks, ours and fb/moco's
+        ("gpu_suite.py", "pairs_per_s_compute"),  # its CPU dry run
         pytest.param(
             "data_throughput.py",
             "ratio_vs_reference",

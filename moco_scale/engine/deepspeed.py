@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from moco_scale import profiling
 from moco_scale.engine.base import TrainEngine
 from moco_scale.moco import MoCo, MocoOutput
 
@@ -101,8 +102,11 @@ class DeepSpeedEngine(TrainEngine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out: MocoOutput = self.engine(view1, view2, momentum=momentum, step=step)
-        self.engine.backward(out.loss)
-        self.engine.step()
+        # DeepSpeed reduces the gradients inside backward, after autograd, in allreduce_gradients.
+        with profiling.stage("query_fwd_bwd"), profiling.timed_calls(self.engine, "allreduce_gradients", "comm"):
+            self.engine.backward(out.loss)
+        with profiling.stage("optimizer"):
+            self.engine.step()
         return MocoOutput(out.loss.detach(), out.inst_acc.detach())
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
