@@ -10,6 +10,7 @@ line before any process group, model or data loader is created.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -36,7 +37,8 @@ from moco_scale.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
 from moco_scale.optim import build_optimizer, key_momentum, learning_rate
-from moco_scale.plot import plot_run
+from moco_scale.plot import STAGE_PREFIX, plot_run
+from moco_scale.profiling import StageTimer
 
 
 def resolve_shards(cfg: Config) -> tuple[list[str], list[str], list[str]]:
@@ -110,7 +112,15 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Deep
     precision = cfg.engine.precision
     if precision == "auto":
         precision = "bf16" if ctx.device.type == "cuda" else "fp32"
-    engine = DeepSpeedEngine(model, optimizer, precision, cfg.engine.zero_stage, cfg.train.batch_size, ctx.world_size)
+    engine = DeepSpeedEngine(
+        model,
+        optimizer,
+        precision,
+        cfg.engine.zero_stage,
+        cfg.train.batch_size,
+        ctx.world_size,
+        grad_clip=cfg.optim.grad_clip,
+    )
     return model, engine
 
 
@@ -190,18 +200,22 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
 
     if start_step == 0 and knn_due(0):
         logger.log({"step": 0, "knn_top1": knn(engine.query_backbone())})  # the random-init baseline
+    timer = StageTimer(ctx.device)  # times the last step of each log window, stage by stage
     model.train()
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start_step, total_steps):
-        view1, view2, _ = next(batches)
-        view1 = view1.to(ctx.device, non_blocking=True, memory_format=memory_format)
-        view2 = view2.to(ctx.device, non_blocking=True, memory_format=memory_format)
-        lr = learning_rate(step, total_steps, peak_lr, warmup_steps, cfg.optim.schedule, cfg.optim.step_milestones)
-        momentum = key_momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
-        out = engine.train_step(view1, view2, lr=lr, momentum=momentum, step=step)
+        log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or knn_due(step + 1)
+        with timer, timer.step() if log_now else contextlib.nullcontext():
+            with timer.stage("data_wait"):
+                view1, view2, _ = next(batches)
+                view1 = view1.to(ctx.device, non_blocking=True, memory_format=memory_format)
+                view2 = view2.to(ctx.device, non_blocking=True, memory_format=memory_format)
+            lr = learning_rate(step, total_steps, peak_lr, warmup_steps, cfg.optim.schedule, cfg.optim.step_milestones)
+            momentum = key_momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
+            out = engine.train_step(view1, view2, lr=lr, momentum=momentum, step=step)
         logger.advance()
         window_steps += 1
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or knn_due(step + 1):
+        if log_now:
             stats = torch.stack([out.loss.float(), out.inst_acc.float()])
             dist.all_reduce(stats)
             stats /= ctx.world_size
@@ -217,6 +231,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
                     "momentum": momentum,
                     "pairs_per_s": window_steps * global_batch / elapsed,
                     **({"bad_samples": batches.bad_samples} if hasattr(batches, "bad_samples") else {}),
+                    **{f"{STAGE_PREFIX}{stage}": ms for stage, ms in timer.pop_means().items()},
                     **({"knn_top1": knn(engine.query_backbone())} if knn_due(step + 1) else {}),
                 }
             )

@@ -67,6 +67,7 @@ class OptimConfig:
     step_milestones: tuple[float, float] = (0.6, 0.8)  # step: lr x 0.1 at these fractions of the run
     betas: tuple[float, float] = (0.9, 0.999)  # adamw only
     trust_coefficient: float = 0.001  # lars only
+    grad_clip: float = 0.0  # max global gradient norm; 0: no clipping (the MoCo papers do not clip)
 
 
 @dataclass
@@ -262,6 +263,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "optim.warmup_epochs": o.warmup_epochs,
         "moco.mlp_dim": m.mlp_dim,
         "optim.weight_decay": o.weight_decay,
+        "optim.grad_clip": o.grad_clip,
         "data.workers": cfg.data.workers,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.keep_every": cfg.checkpoint.keep_every,

@@ -56,7 +56,9 @@ class MetricsLogger:
         self.bar.close()
         elapsed = time.perf_counter() - self.start
         last = ", ".join(
-            f"{k}={v:.4g}" for k, v in self.last.items() if k not in ("time", "step") and isinstance(v, float)
+            f"{k}={v:.4g}"
+            for k, v in self.last.items()
+            if k not in ("time", "step") and not k.startswith("ms_") and isinstance(v, float)  # ms_: in the plot
         )
         return f"done: {self.last.get('step', 0)} steps in {elapsed:.1f}s; last {last}; metrics in {self.path}"
 

@@ -111,4 +111,6 @@ def test_deepspeed_json_is_generated_from_the_config() -> None:
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in ds and "fp16" not in ds  # DeepSpeed's own casts break BatchNorm buffers
     assert "torch_autocast" not in deepspeed_config("fp32", 0, 8, 1)
+    assert deepspeed_config("fp32", 0, 8, 1)["gradient_clipping"] == 0.0  # not DeepSpeed's default of 1.0
+    assert deepspeed_config("fp32", 0, 8, 1, grad_clip=2.5)["gradient_clipping"] == 2.5
     assert deepspeed_config("fp16", 1, 8, 2)["torch_autocast"]["dtype"] == "float16"

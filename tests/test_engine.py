@@ -1,6 +1,9 @@
-"""The DeepSpeed engine on 2 gloo ranks: ZeRO 0/1/2 agree, and every precision keeps BatchNorm working."""
+"""The DeepSpeed engine: a step is a plain SGD step; on 2 gloo ranks ZeRO 0/1/2 agree, and every precision
+keeps BatchNorm working."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -80,3 +83,29 @@ def test_low_precision_trains_with_batchnorm(runs: dict, run: tuple[str, int]) -
     # Autocast changes the arithmetic, not the algorithm: the first loss agrees to low-precision accuracy.
     assert abs(low["losses"][0] - ref["losses"][0]) < 0.05 * abs(ref["losses"][0])
     assert low["losses"] != ref["losses"]  # it really ran in another precision
+
+
+def _one_step_against_plain_sgd(rank: int, world: int, grad_clip: float) -> None:
+    torch.manual_seed(0)
+    model = MoCo(build_resnet("resnet18"), version="v2", dim=16, queue_size=64, bn_groups=2, cuda_graph_ema=False)
+    reference = copy.deepcopy(model)
+    engine = DeepSpeedEngine(model, build_optimizer(model, "sgd", lr=0.1), "fp32", 0, 8, 1, grad_clip=grad_clip)
+    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    engine.train_step(x1, x2, lr=0.1, momentum=0.9, step=0)
+    optimizer = build_optimizer(reference, "sgd", lr=0.1)  # the same SGD, outside DeepSpeed
+    loss = reference(x1, x2, momentum=0.9, step=0).loss
+    loss.backward()
+    grads = [p.grad for p in reference.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert norm > 2  # large enough that DeepSpeed's default clipping at 1.0 would have changed the step
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), grad_clip)
+    optimizer.step()
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_step_is_a_plain_sgd_step(grad_clip: float) -> None:
+    """No hidden gradient clipping (DeepSpeed clips at 1.0 unless told otherwise); clipping when asked."""
+    run_ranks(_one_step_against_plain_sgd, 1, grad_clip)

@@ -22,12 +22,15 @@ from moco_scale.moco import MoCo, MocoOutput
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-def deepspeed_config(precision: str, zero_stage: int, micro_batch: int, world_size: int) -> dict[str, Any]:
+def deepspeed_config(
+    precision: str, zero_stage: int, micro_batch: int, world_size: int, grad_clip: float = 0.0
+) -> dict[str, Any]:
     """The one DeepSpeed JSON, derived from the run config."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * world_size,
+        "gradient_clipping": grad_clip,  # DeepSpeed's default is 1.0; the MoCo papers do not clip
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,  # our own SGD/LARS/AdamW, not DeepSpeed's JIT-built ones
         "steps_per_print": 2**31 - 1,
@@ -87,13 +90,14 @@ class DeepSpeedEngine(TrainEngine):
         zero_stage: int,
         micro_batch: int,
         world_size: int,
+        grad_clip: float = 0.0,
     ):
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
         self.model = model
-        self.config = deepspeed_config(precision, zero_stage, micro_batch, world_size)
+        self.config = deepspeed_config(precision, zero_stage, micro_batch, world_size, grad_clip)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
 
     def train_step(
