@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds,
         "steps": steps,
         "summary": summary,
+        "knn_top1_ours": ours["knn_top1"],
         "loss_difference": ours["last_loss"] - ref["last_loss"],
         "knn_top1_difference": ours["knn_top1"] - ref["knn_top1"],
         "curves": runs,

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("checkpoint_io.py", "save_s_max"),
         pytest.param("throughput.py", "ratio_vs_reference", marks=pytest.mark.slow),  # 2 ranks, ours and fb/moco's
         ("gpu_suite.py", "pairs_per_s_compute"),  # its CPU dry run
+        pytest.param("quality.py", "knn_top1_ours", marks=pytest.mark.slow),  # 4 steps each, ours and reference
         pytest.param(
             "data_throughput.py",
             "ratio_vs_reference",
@@ -36,7 +37,7 @@ def test_benchmark_smoke(tmp_path: Path, script: str, key: str) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     value = json.loads(out.read_text())[key]
