@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_scale import checkpoint
-from moco_scale.dist.comm import free_port
+from moco_scale.dist.comm import free_port, set_local_rank_env
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
@@ -172,14 +172,7 @@ def measure(rank: int, world: int, arch: str, zero: int, queue: int, repeats: in
 
 
 def worker(rank: int, world: int, port: int, config: dict, out_path: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    set_local_rank_env(rank, world, port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import torch.multiprocessing as mp
 
 from moco_scale import profiling
 from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, validate
-from moco_scale.dist.comm import free_port, init_distributed
+from moco_scale.dist.comm import free_port, init_distributed, set_local_rank_env
 
 try:
     from benchmarks._common import environment, format_table, median, spread, time_interleaved, write_json
@@ -267,14 +266,7 @@ def reference_step(cfg: Config, views: list[torch.Tensor], lr: float) -> Callabl
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    set_local_rank_env(rank, world, port)
     cfg = load_config(args.config, args.overrides)
     try:
         setup = rank_methods(args, cfg, rank, world)

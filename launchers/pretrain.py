@@ -137,6 +137,13 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
+    if ctx.is_main:
+        nodes = ctx.world_size // ctx.local_world_size
+        print(
+            f"pretraining on {ctx.world_size} ranks ({nodes} nodes x {ctx.local_world_size}, {ctx.device.type}): "
+            f"global batch {global_batch}, {total_steps} steps, {num_samples:,} samples",
+            flush=True,
+        )
     model, engine = build_engine(cfg, ctx, peak_lr)
     memory_format = torch.channels_last if uses_channels_last(cfg, ctx) else torch.contiguous_format
     start_step, loader_state = 0, None

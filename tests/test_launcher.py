@@ -15,6 +15,8 @@ import pytest
 import torch.distributed as dist
 import yaml
 
+from moco_scale.dist.comm import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -172,3 +174,42 @@ def test_single_process_run(tmp_path: Path) -> None:
     records = _check_outputs(run_dir, 3, result.stdout)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert "warning: moco.queue_size=1024 is over a quarter of the 1,497 training samples" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_nodes_over_loopback(tmp_path: Path) -> None:
+    """A real 2-node launch on one machine: two torchrun agents, node ranks 0 and 1, one rendezvous."""
+    run_dir, port = tmp_path / "run", free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(LAUNCHER),
+                "--config",
+                str(DEMO),
+                "--train.max_steps=4",
+                "--train.log_every=2",
+                "--eval.every_steps=4",
+                "--train.progress=false",
+                f"--train.run_dir={run_dir}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "pretraining on 2 ranks (2 nodes x 1, cpu): global batch 64" in outputs[0]
+    records = _check_outputs(run_dir, 4, outputs[0])
+    assert [r["step"] for r in records] == [2, 4]

@@ -32,7 +32,7 @@ from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from moco_scale.data.shards import DataError, shard_sizes
-from moco_scale.data.torch_loader import TwoViewStream, decode_sample, view_transform
+from moco_scale.data.torch_loader import TwoViewStream, decode_sample, stream_loader, view_transform
 
 CENTRE_CROP_FROM = 64  # px: from this size on, resize to size / 0.875 and centre-crop
 CROP_FRACTION = 0.875
@@ -195,15 +195,5 @@ def train_loader(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless ``(images, labels)`` batches of augmented training views for this rank."""
     stream = LabelledTrainStream(shards, image_size, rank, world_size, seed, shuffle_buffer)
-    total, readers = sum(stream.reader.sizes.values()), world_size * max(1, workers)
-    if total < readers:
-        raise DataError(f"{total} samples cannot feed {world_size} ranks x {max(1, workers)} loader workers")
-    loader = DataLoader(
-        stream,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
-    )
-    return iter(loader)
+    total = sum(stream.reader.sizes.values())
+    return iter(stream_loader(stream, total, batch_size, world_size, workers, pin_memory))

@@ -233,10 +233,19 @@ def two_view_loader(
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
     skip = tuple(batch_size * len(range(w, start_batch, readers)) for w in range(readers))
     stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, skip, start_batch % readers)
-    total = sum(stream.sizes.values())
+    loader = stream_loader(stream, sum(stream.sizes.values()), batch_size, world_size, workers, pin_memory)
+    return TwoViewBatches(loader, readers, start_batch)
+
+
+def stream_loader(
+    stream: IterableDataset, total: int, batch_size: int, world_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    """Batches of a stream whose every reader (rank x worker) reads its own part of ``total`` samples;
+    a one-line :class:`DataError` when some reader would get none."""
+    readers = max(1, workers)
     if total < world_size * readers:
         raise DataError(f"{total} samples cannot feed {world_size} ranks x {readers} loader workers")
-    loader = DataLoader(
+    return DataLoader(
         stream,
         batch_size=batch_size,
         num_workers=workers,
@@ -244,4 +253,3 @@ def two_view_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
     )
-    return TwoViewBatches(loader, readers, start_batch)

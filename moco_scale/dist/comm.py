@@ -30,6 +30,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def set_local_rank_env(rank: int, world_size: int, port: int) -> None:
+    """The environment a launcher gives rank ``rank`` of a ``world_size``-rank job on this machine,
+    for processes spawned without one (tests, benchmarks)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+
+
 def resolve_device(preference: str, local_rank: int) -> torch.device:
     """``auto`` picks this rank's GPU when CUDA is present, else the CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
@@ -88,3 +101,4 @@ def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     out = torch.empty((world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     _all_gather_single(out, tensor)
     return out
+
