@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moco_scale import checkpoint
+from moco_scale.dist.comm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +80,8 @@ def _launch(run_dir: Path, zero: int, *extra: str, steps: int = 10, every: int =
         shutil.which("deepspeed") or "deepspeed",
         "--num_gpus",
         "2",
+        "--master_port",
+        str(free_port()),  # not DeepSpeed's fixed default, which other jobs on the box may hold
         "launchers/pretrain.py",
         "--config",
         "configs/demo.yaml",

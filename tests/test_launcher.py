@@ -101,6 +101,8 @@ def test_deepspeed_two_ranks_demo_learns(tmp_path: Path) -> None:
             shutil.which("deepspeed") or "deepspeed",
             "--num_gpus",
             "2",
+            "--master_port",
+            str(free_port()),
             str(LAUNCHER),
             "--config",
             str(DEMO),
