@@ -4,7 +4,9 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step_00000040/          DeepSpeed's files (module incl. key encoder, queue and BN buffers;
                             optimizer shards, one per rank) + rank_00000.pt, rank_00001.pt, ...
-                            (each rank's loader position and RNG states)
+                            (each rank's loader position and RNG states, and with
+                            moco.shard_queue its slice of the queue, which DeepSpeed's
+                            module file, written by rank 0, cannot hold)
     latest                  the tag of the newest complete checkpoint
 
 A checkpoint is written under ``<tag>.partial`` and renamed only after every rank has finished
@@ -25,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from moco_scale.dist.queue import ShardedKeyQueue
 
 LATEST = "latest"
 
@@ -52,6 +56,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _queue_slice(engine) -> ShardedKeyQueue | None:
+    queue = getattr(engine.model, "queue", None)
+    return queue if isinstance(queue, ShardedKeyQueue) else None
+
+
 def _rank_file(path: Path, rank: int) -> Path:
     return path / f"rank_{rank:05d}.pt"
 
@@ -72,8 +81,15 @@ def save(
     engine.save_checkpoint(
         str(root), tag=partial.name, client_state={"step": step, "config": config}, save_latest=False
     )
+    queue = _queue_slice(engine)
     torch.save(
-        {"step": step, "loader": loader_state, "rng": rng_state(), "world_size": dist.get_world_size()},
+        {
+            "step": step,
+            "loader": loader_state,
+            "rng": rng_state(),
+            "world_size": dist.get_world_size(),
+            "queue_slice": queue.state_dict() if queue is not None else None,
+        },
         _rank_file(partial, rank),
     )
     dist.barrier()  # every shard is on disk
@@ -167,6 +183,16 @@ def load(engine, path: Path) -> tuple[int, dict, int]:
     """
     own_file = _rank_file(path, dist.get_rank())
     own = torch.load(own_file if own_file.is_file() else _rank_file(path, 0), weights_only=False)
+    queue = _queue_slice(engine)
+    if queue is not None and own["world_size"] != dist.get_world_size():
+        raise CheckpointError(
+            f"{path}: moco.shard_queue checkpoints resume on the same world size ({own['world_size']} ranks), "
+            f"not {dist.get_world_size()}"
+        )
+    if queue is not None and own.get("queue_slice") is None:
+        raise CheckpointError(f"{path} holds a replicated queue, but moco.shard_queue=true")
     engine.load_checkpoint(str(path.parent), tag=path.name, saved_world_size=own["world_size"])
+    if queue is not None:  # DeepSpeed restored rank 0's slice everywhere
+        queue.load_state_dict(own["queue_slice"])
     set_rng_state(own["rng"])
     return own["step"], own["loader"], own["world_size"]

@@ -47,6 +47,7 @@ class MocoConfig:
     dim: int = 128
     mlp_dim: int = 0  # hidden width of the MLP heads; 0: the backbone's feature width (v2); v3 uses 4096
     queue_size: int = 65536  # K; ignored by v3
+    shard_queue: bool = False  # each rank holds K / world_size keys (v1/v2); checkpoints store the slices per rank
     momentum: float = 0.999  # m at step 0
     momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: m -> 1 (v3)
     temperature: float = 0.2
@@ -278,6 +279,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.engine.zero_stage}")
     if m.version != "v3" and m.queue_size <= 0:
         raise ConfigError(f"moco.queue_size must be > 0 for MoCo {m.version}, got {m.queue_size}")
+    if m.version == "v3" and m.shard_queue:
+        raise ConfigError("moco.shard_queue is for v1/v2; MoCo v3 has no queue")
     if m.version == "v3" and m.shuffle_bn == "shuffle":
         raise ConfigError("moco.shuffle_bn=shuffle is for v1/v2; MoCo v3 uses sync or none")
     if cfg.eval.every_steps and not cfg.eval.val_path and cfg.data.path != "demo":
@@ -291,6 +294,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"moco.queue_size={m.queue_size} is smaller than the global batch "
                 f"{global_batch} ({t.batch_size} per rank x {world_size} ranks)"
             )
+        if m.shard_queue and m.queue_size % world_size:
+            raise ConfigError(f"moco.shard_queue needs moco.queue_size={m.queue_size} divisible by {world_size} ranks")
         if world_size == 1 and m.shuffle_bn == "shuffle" and t.batch_size % m.bn_groups:
             raise ConfigError(
                 f"train.batch_size={t.batch_size} is not divisible by moco.bn_groups={m.bn_groups} "

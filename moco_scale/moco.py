@@ -20,7 +20,7 @@ from moco_scale import profiling
 from moco_scale.dist import shuffle_bn
 from moco_scale.dist.comm import all_gather_concat, rank
 from moco_scale.dist.ema import MomentumUpdater
-from moco_scale.dist.queue import KeyQueue
+from moco_scale.dist.queue import KeyQueue, ShardedKeyQueue
 
 
 class MocoOutput(NamedTuple):
@@ -67,6 +67,7 @@ class MoCo(nn.Module):
         dim: width of the L2-normalised output.
         mlp_dim: hidden width of the MLP heads (0: the backbone's feature width).
         queue_size: K, the number of negative keys (v1/v2).
+        shard_queue: hold K / world_size keys per rank (:class:`ShardedKeyQueue`) instead of all K.
         temperature: T of InfoNCE.
         key_bn: "shuffle" (shuffle-BN), "sync" (synchronised BN) or "none".
         bn_groups: virtual BN groups for shuffle-BN in a single process.
@@ -89,6 +90,7 @@ class MoCo(nn.Module):
         key_bn_buffers: str = "own",
         cuda_graph_ema: bool = True,
         shuffle_seed: int = 0,
+        shard_queue: bool = False,
     ):
         super().__init__()
         self.version = version
@@ -106,7 +108,8 @@ class MoCo(nn.Module):
             shuffle_bn.convert_batchnorm(self.predictor, bn_mode, bn_groups, next(backbone.parameters()).device)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
-        self.queue = KeyQueue(queue_size, dim) if version != "v3" else None
+        queue_type = ShardedKeyQueue if shard_queue else KeyQueue
+        self.queue = queue_type(queue_size, dim) if version != "v3" else None
         self.key_bn_buffers = key_bn_buffers
         self.cuda_graph_ema = cuda_graph_ema
         self._updater: MomentumUpdater | None = None
@@ -140,11 +143,14 @@ class MoCo(nn.Module):
         k = self._key(view2, step)
         with profiling.stage("queue_loss"), torch.autocast(q.device.type, enabled=False):
             q, k = q.float(), k.float()
-            positive = (q * k).sum(dim=1, keepdim=True)
-            negatives = q @ self.queue.keys.clone().T
-            logits = torch.cat([positive, negatives], dim=1) / self.temperature
-            labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-            loss, accuracy = info_nce(logits, labels)
+            if isinstance(self.queue, ShardedKeyQueue):  # the same loss, its denominator summed over ranks
+                loss, accuracy = self.queue.info_nce(q, k, self.temperature)
+            else:
+                positive = (q * k).sum(dim=1, keepdim=True)
+                negatives = q @ self.queue.keys.clone().T
+                logits = torch.cat([positive, negatives], dim=1) / self.temperature
+                labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+                loss, accuracy = info_nce(logits, labels)
             self.queue.enqueue(k)
         return MocoOutput(loss, accuracy)
 

@@ -45,6 +45,7 @@ def test_overrides_are_typed() -> None:
         ({"train.batch_size": 0}, "train.batch_size must be > 0"),
         ({"engine.zero_stage": 3}, "engine.zero_stage must be 0, 1 or 2"),
         ({"moco.version": "v3", "moco.shuffle_bn": "shuffle"}, "MoCo v3 uses sync or none"),
+        ({"moco.version": "v3", "moco.shard_queue": True}, "moco.shard_queue is for v1/v2; MoCo v3 has no queue"),
         ({"train": 5}, "names a section, not a field"),
         ({"eval.every_steps": 10, "data.path": "/data/shards"}, "eval.every_steps is set but eval.val_path is empty"),
         ({"eval.knn_k": 0}, "eval.knn_k must be > 0"),
@@ -66,6 +67,10 @@ def test_world_size_dependent_checks() -> None:
     with pytest.raises(ConfigError, match="batch_size=30 is not divisible by moco.bn_groups=4"):
         validate(cfg, world_size=1)
     validate(cfg, world_size=2)  # across ranks the shuffle is an all_to_all: no groups needed
+    cfg = load_config(CONFIGS / "demo.yaml", {"moco.shard_queue": "true", "moco.queue_size": 257})
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="moco.shard_queue needs moco.queue_size=257 divisible by 2 ranks"):
+        validate(cfg, world_size=2)
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -102,3 +102,45 @@ def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     _all_gather_single(out, tensor)
     return out
 
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands every rank the summed gradient of its own rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        return all_gather_concat(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss may depend on every gathered row: sum the ranks' gradients, keep our rows.
+        # (all_reduce then slice, as gloo has no reduce-scatter.)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.rows : (rank() + 1) * ctx.rows]
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks; the result feeds every rank's loss, so the gradient is summed the same way."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """:func:`all_gather_concat` that gradients flow through, back to the rank that owns each row."""
+    return tensor if world_size() == 1 else _AllGatherWithGrad.apply(tensor)
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's ``tensor``, differentiable: each rank's input gets the gradient of all ranks' losses."""
+    return tensor if world_size() == 1 else _AllReduceSumWithGrad.apply(tensor)

@@ -1,12 +1,14 @@
-"""The MoCo dictionary: a FIFO ring of the K most recent keys, identical on every rank."""
+"""The MoCo dictionary: a FIFO ring of the K most recent keys, identical on every rank
+(:class:`KeyQueue`), or cut into one slice per rank (:class:`ShardedKeyQueue`)."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moco_scale.dist.comm import all_gather_concat
+from moco_scale.dist.comm import all_gather_concat, all_gather_with_grad, all_reduce_sum_with_grad, rank, world_size
 
 
 class KeyQueue(nn.Module):
@@ -36,3 +38,74 @@ class KeyQueue(nn.Module):
         slots = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.size
         self.keys.index_copy_(0, slots, keys)
         self.ptr.copy_((self.ptr + keys.shape[0]) % self.size)
+
+
+def distributed_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise logsumexp over the columns of every rank's ``logits`` together, and the row-wise maximum.
+
+    Every rank holds the same rows and its own columns. The maxima are reduced first (MAX, no
+    gradient: the shift cancels), then each rank's sum of ``exp(logits - max)`` is summed over
+    ranks by a differentiable all-reduce, so each rank's ``logits`` get the gradient
+    ``softmax * upstream`` summed over the losses of all ranks.
+    """
+    row_max = logits.detach().amax(dim=1)
+    if world_size() > 1:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+    partial = torch.exp(logits - row_max[:, None]).sum(dim=1)
+    return row_max + all_reduce_sum_with_grad(partial).log(), row_max
+
+
+class ShardedKeyQueue(nn.Module):
+    """The K-key dictionary cut into W slices: each rank holds ``size / world_size`` keys.
+
+    Each rank enqueues only its own keys into its own slice (no gather), so slice r is a FIFO of
+    rank r's most recent keys. When K is a multiple of the global batch the union of the slices
+    is exactly the set of keys a :class:`KeyQueue` of size K would hold (the last K / global-batch
+    steps of every rank); otherwise the two differ only in which keys of the oldest, partly
+    overwritten step survive.
+
+    :meth:`info_nce` is MoCo's loss against all K keys: the queries of every rank are gathered,
+    each rank scores them against its slice, the softmax denominator comes from
+    :func:`distributed_logsumexp`, and each rank keeps its own queries' rows, whose positive logit
+    only it holds. The loss and the gradient of each rank's queries equal those of the replicated
+    queue. Each rank draws its initial slice from its own seed, so the slices are distinct. The
+    slice differs between ranks, so a checkpoint must store it per rank (moco_scale.checkpoint).
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        world = world_size()
+        if size % world:
+            raise ValueError(f"queue size {size} is not divisible by the {world} ranks")
+        seed = int(torch.randint(2**62, ())) + rank()  # same draw on every rank, distinct slices
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("shard", F.normalize(torch.randn(size // world, dim, generator=generator), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        """K over all ranks."""
+        return self.shard.shape[0] * world_size()
+
+    @torch.no_grad()
+    def enqueue(self, local_keys: torch.Tensor) -> None:
+        """Append this rank's ``local_keys`` to its slice; the oldest keys are overwritten."""
+        keys = local_keys.detach().to(self.shard.dtype)
+        slice_size = self.shard.shape[0]
+        if keys.shape[0] > slice_size:
+            raise ValueError(f"batch of {keys.shape[0]} keys exceeds this rank's queue slice of {slice_size}")
+        slots = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % slice_size
+        self.shard.index_copy_(0, slots, keys)
+        self.ptr.copy_((self.ptr + keys.shape[0]) % slice_size)
+
+    def info_nce(self, q: torch.Tensor, k: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of each query's positive key ``k`` against the K queued keys of all ranks,
+        and the instance-discrimination accuracy (ties go to the positive, as with argmax)."""
+        positive = (q * k).sum(dim=1) / temperature
+        queries = all_gather_with_grad(q)
+        negatives = queries @ self.shard.clone().T / temperature  # clone: enqueue overwrites the slice
+        lse_all, max_all = distributed_logsumexp(negatives)
+        own = slice(rank() * q.shape[0], (rank() + 1) * q.shape[0])
+        lse = torch.logaddexp(positive, lse_all[own])
+        accuracy = (positive >= max_all[own]).float().mean()
+        return (lse - positive).mean(), accuracy
