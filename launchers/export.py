@@ -24,10 +24,10 @@ load into ``moco_scale.models.build_resnet`` the same way.)
 tensor}, "arch": <arch>, "epoch": None, "step": <step>}``, with torchvision names for the backbone
 and the projection head under ``module.encoder_q.fc.*`` as in fb/moco. Its ``main_lincls.py
 --pretrained`` keeps the ``module.encoder_q.`` keys except ``fc``, strips the prefix and loads them
-with ``strict=False``, only ``fc.weight`` and ``fc.bias`` missing. ``epoch`` is None: checkpoints
-count steps.
+with ``strict=False``, only ``fc.weight`` and ``fc.bias`` missing. ``epoch`` is the number of
+completed epochs (checkpoints count steps; the fractional epoch is in ``--inspect``).
 
-``--inspect`` prints the step, world size, model and MoCo settings, parameter counts, the queue
+``--inspect`` prints the step, epoch, world size, model and MoCo settings, parameter counts, the queue
 and the file sizes.
 """
 
@@ -55,7 +55,7 @@ def export(ckpt: Path, out: Path, layout: str) -> str:
         payload: Any = {
             "state_dict": {f"module.encoder_q.{k}": v for k, v in encoder.items()},
             "arch": arch,
-            "epoch": None,
+            "epoch": int(states.get("epoch") or 0),  # completed epochs, as fb/moco counts them
             "step": states.get("step"),
         }
     else:
@@ -97,6 +97,7 @@ def describe(ckpt: Path) -> str:
     rows = [
         ("checkpoint", str(ckpt)),
         ("step", str(states.get("step"))),
+        ("epoch", f"{states.get('epoch')} (samples consumed / samples in the data)"),
         ("world size", f"{len(rank_files)} (rank_*.pt files)"),
         ("arch", f"{model.get('arch')} (width {model.get('width')}, small_stem {model.get('small_stem')})"),
         ("moco", f"{moco.get('version')}, dim {moco.get('dim')}, K {moco.get('queue_size')}"),

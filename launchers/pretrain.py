@@ -192,6 +192,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
             cfg.to_dict(),
             cfg.checkpoint.keep_last,
             cfg.checkpoint.keep_every,
+            epoch=round(step * global_batch / num_samples, 4),
         )
 
     logger = MetricsLogger(run_dir, total_steps, start_step, enabled=ctx.is_main, progress=cfg.train.progress)

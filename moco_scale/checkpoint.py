@@ -66,9 +66,17 @@ def _rank_file(path: Path, rank: int) -> Path:
 
 
 def save(
-    engine, run_dir: str | Path, step: int, loader_state: dict, config: dict, keep_last: int, keep_every: int = 0
+    engine,
+    run_dir: str | Path,
+    step: int,
+    loader_state: dict,
+    config: dict,
+    keep_last: int,
+    keep_every: int = 0,
+    epoch: float = 0.0,
 ) -> Path:
     """Every rank writes its shard of ``step``'s checkpoint; it becomes ``latest`` once all are done.
+    ``epoch`` (samples consumed / samples in the data, fractional) is recorded beside the step.
     Older checkpoints beyond the last ``keep_last`` are deleted, except every ``keep_every``-th step."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step:08d}"
@@ -79,7 +87,7 @@ def save(
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     engine.save_checkpoint(
-        str(root), tag=partial.name, client_state={"step": step, "config": config}, save_latest=False
+        str(root), tag=partial.name, client_state={"step": step, "epoch": epoch, "config": config}, save_latest=False
     )
     queue = _queue_slice(engine)
     torch.save(

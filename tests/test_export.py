@@ -43,6 +43,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--train.log_every=1",
         "--checkpoint.every_steps=2",
         "--train.progress=false",
+        "--eval.every_steps=0",
         f"--train.run_dir={run}",
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -93,7 +94,7 @@ def test_fbmoco_layout_loads_like_fb_moco_main_lincls(run_dir: Path, tmp_path: P
     out = tmp_path / "moco.pth.tar"
     assert export.main([str(run_dir), str(out), "--layout", "fbmoco"]) == 0
     saved = torch.load(out, weights_only=True)
-    assert saved["arch"] == "resnet18" and saved["step"] == 2
+    assert saved["arch"] == "resnet18" and saved["step"] == 2 and saved["epoch"] == 0
     state = saved["state_dict"]
     assert all(k.startswith("module.encoder_q.") for k in state)
     # fb/moco's main_lincls.py: keep encoder_q without its fc (the projection head), drop the prefix.
@@ -112,6 +113,7 @@ def test_inspect_prints_step_and_queue(run_dir: Path, capsys: pytest.CaptureFixt
     assert export.main(["--inspect", str(run_dir)]) == 0
     table = capsys.readouterr().out
     assert re.search(r"^step\s+2$", table, re.M), table
+    assert re.search(r"^epoch\s+0.0428 \(samples consumed", table, re.M), table  # 2 x 32 of 1,497 samples
     assert re.search(r"^queue\s+256 keys x 128, ptr 64$", table, re.M), table
     assert re.search(r"^world size\s+1 ", table, re.M), table
 
