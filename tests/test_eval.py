@@ -7,7 +7,6 @@ import io
 import itertools
 import math
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,6 @@ from moco_scale.data.labelled import eval_loader, num_classes_of
 from moco_scale.data.shards import list_shards, write_shards
 from moco_scale.eval.knn import KnnMonitor, extract_features, knn_predict, knn_top1
 from moco_scale.models import build_resnet
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Many tiny ops: on a busy box, a second OpenMP thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int, t: float) -> list[int]:

@@ -32,15 +32,6 @@ DEMO = ROOT / "configs" / "demo.yaml"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Many tiny ops: on a busy box, a second OpenMP thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _load_launcher():
     spec = importlib.util.spec_from_file_location("linear_probe_launcher", LAUNCHER)
     module = importlib.util.module_from_spec(spec)

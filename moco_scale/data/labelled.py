@@ -26,13 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from moco_scale.data.shards import DataError, shard_sizes
-from moco_scale.data.torch_loader import TwoViewStream, decode_sample, stream_loader, view_transform
+from moco_scale.data.torch_loader import TwoViewStream, decode_sample, read_shard, stream_loader, view_transform
 
 CENTRE_CROP_FROM = 64  # px: from this size on, resize to size / 0.875 and centre-crop
 CROP_FRACTION = 0.875
@@ -110,15 +109,7 @@ class EvalBatches(IterableDataset):
             shard_offset, offset = offset, offset + size
             if shard_offset >= end or offset <= self.start:
                 continue
-            stream = wds.WebDataset(
-                [shard],
-                shardshuffle=False,
-                nodesplitter=None,
-                workersplitter=None,
-                empty_check=False,
-                handler=wds.warn_and_continue,
-            )
-            for index, sample in enumerate(stream):
+            for index, sample in enumerate(read_shard(shard)):
                 position = shard_offset + index
                 if position >= end:
                     break

@@ -71,6 +71,19 @@ def decode_sample(sample: dict) -> tuple[Image.Image, int]:
     return image.convert("RGB"), label
 
 
+def read_shard(shard: str) -> wds.WebDataset:
+    """The samples of one shard in stored order; this process reads all of it (the caller splits the
+    work), and a truncated tar or an unreadable member is skipped with a warning, not raised."""
+    return wds.WebDataset(
+        [shard],
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        empty_check=False,
+        handler=wds.warn_and_continue,
+    )
+
+
 @dataclass(frozen=True)
 class Span:
     """Samples ``[first, end)`` of ``shard``, which start at ``offset`` in the epoch's order."""
@@ -130,15 +143,7 @@ class TwoViewStream(IterableDataset):
         worker, workers = self._worker()
         readers = self.world_size * workers
         for span in split_epoch(self.sizes, self.seed, epoch, self.rank * workers + worker, readers):
-            stream = wds.WebDataset(
-                [span.shard],
-                shardshuffle=False,
-                nodesplitter=None,
-                workersplitter=None,
-                empty_check=False,
-                handler=wds.warn_and_continue,
-            )
-            for index, sample in enumerate(stream):
+            for index, sample in enumerate(read_shard(span.shard)):
                 if index >= span.end:
                     break
                 if index >= span.first:
