@@ -6,7 +6,7 @@
 For every architecture and ZeRO stage, ``--world`` gloo ranks are spawned on this machine (one
 torch thread each). Each rank builds ``MoCo(build_resnet(arch, width), version="v2",
 queue_size=K, key_bn="shuffle")``, SGD from ``moco_scale.optim.build_optimizer`` and
-``DeepSpeedEngine(model, opt, "fp32", zero, micro_batch=2)``, and runs one training step on
+``DeepSpeedEngine(model, make_optimizer, "fp32", zero, micro_batch=2)``, and runs one training step on
 random 2x3x32x32 images so that the momentum buffers exist. Then, ``--repeats`` times:
 
 - ``save``: ``checkpoint.save(engine, run_dir, step, loader_state={}, config={}, keep_last=2)``
@@ -134,8 +134,9 @@ def measure(rank: int, world: int, arch: str, zero: int, queue: int, repeats: in
     params_key = sum(p.numel() for p in model.encoder_k.parameters())
     queue_bytes = model.queue.keys.numel() * model.queue.keys.element_size()
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    optimizer = build_optimizer(model, "sgd", lr=0.1)
-    engine = DeepSpeedEngine(model, optimizer, "fp32", zero, micro_batch=MICRO_BATCH, world_size=world)
+    engine = DeepSpeedEngine(
+        model, lambda m: build_optimizer(m, "sgd", lr=0.1), "fp32", zero, micro_batch=MICRO_BATCH, world_size=world
+    )
 
     g = torch.Generator().manual_seed(rank)
     views = [torch.randn(MICRO_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) for _ in range(2)]

@@ -147,8 +147,10 @@ def build(args: argparse.Namespace, device: torch.device, world_size: int) -> tu
         try:
             from moco_scale.engine.deepspeed import DeepSpeedEngine
 
-            optimizer = build_optimizer(model, "sgd", lr, 0.9, 1e-4, device_type=device.type)
-            engines["engine"] = DeepSpeedEngine(model, optimizer, args.precision, 0, args.batch, world_size)
+            def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+                return build_optimizer(module, "sgd", lr, 0.9, 1e-4, device_type=device.type)
+
+            engines["engine"] = DeepSpeedEngine(model, make_optimizer, args.precision, 0, args.batch, world_size)
         except Exception as exc:  # DeepSpeed missing or broken here: say so and go on without it
             notes.append(f"DeepSpeed unavailable ({type(exc).__name__}: {exc}); timing the step without it")
             traceback.print_exc()

@@ -6,8 +6,8 @@
 
 CKPT is a checkpoint folder (``.../checkpoints/step_X``), a run's ``checkpoints`` folder or a run
 directory; for the latter two, the checkpoint their ``latest`` file names, as ``checkpoint.resume``
-resolves them. Only rank 0's DeepSpeed model file is read (ZeRO stages 0-2 keep the whole module
-there); no process group is created. Bad input exits with code 2 and one line starting ``error:``.
+resolves them. Any backend's checkpoint is read (DeepSpeed ZeRO 0-3, FSDP2) on the CPU; no
+process group is created. Bad input exits with code 2 and one line starting ``error:``.
 
 ``--layout torchvision`` (default) writes the query backbone (``encoder_q.backbone.*``, prefix
 stripped) as a plain ``state_dict`` of contiguous tensors. It holds no ``fc.*``: the backbone's
@@ -41,22 +41,22 @@ from typing import Any
 import torch
 
 from moco_scale import checkpoint
-from moco_scale.weights import BACKBONE, HEAD, WeightsError, load_model_states, model_file, strip
+from moco_scale.weights import BACKBONE, HEAD, WeightsError, read_module, strip
 
 
 def export(ckpt: Path, out: Path, layout: str) -> str:
     """Write the query backbone of ``ckpt`` to ``out``; returns a one-line summary."""
-    states = load_model_states(model_file(ckpt))
-    model_cfg = states.get("config", {}).get("model", {})
+    meta, module = checkpoint.read_meta(ckpt), read_module(ckpt)
+    model_cfg = meta.get("config", {}).get("model", {})
     arch = model_cfg.get("arch", "unknown")
-    backbone = strip(states["module"], BACKBONE)
+    backbone = strip(module, BACKBONE)
     if layout == "fbmoco":
-        encoder = {**backbone, **{f"fc.{k}": v for k, v in strip(states["module"], HEAD).items()}}
+        encoder = {**backbone, **{f"fc.{k}": v for k, v in strip(module, HEAD).items()}}
         payload: Any = {
             "state_dict": {f"module.encoder_q.{k}": v for k, v in encoder.items()},
             "arch": arch,
-            "epoch": int(states.get("epoch") or 0),  # completed epochs, as fb/moco counts them
-            "step": states.get("step"),
+            "epoch": int(meta.get("epoch") or 0),  # completed epochs, as fb/moco counts them
+            "step": meta.get("step"),
         }
     else:
         payload = backbone
@@ -68,11 +68,15 @@ def export(ckpt: Path, out: Path, layout: str) -> str:
             f"this backbone does not fit torchvision.models.{arch}(); use moco_scale.models.build_resnet",
             file=sys.stderr,
         )
-    return f"wrote {len(backbone)} backbone tensors of {arch} at step {states.get('step')} to {out} ({layout})"
+    return f"wrote {len(backbone)} backbone tensors of {arch} at step {meta.get('step')} to {out} ({layout})"
 
 
-def _numel(module: dict[str, torch.Tensor], prefix: str, buffers: set[str]) -> int:
-    return sum(v.numel() for k, v in module.items() if k.startswith(prefix) and k not in buffers)
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _numel(module: dict[str, torch.Tensor], prefix: str) -> int:
+    """Parameters under ``prefix``: every tensor but the BN statistics (the queue is not under a prefix)."""
+    return sum(v.numel() for k, v in module.items() if k.startswith(prefix) and not k.endswith(BUFFER_SUFFIXES))
 
 
 def _size(nbytes: int) -> str:
@@ -86,37 +90,36 @@ def _size(nbytes: int) -> str:
 
 def describe(ckpt: Path) -> str:
     """A short table describing ``ckpt``."""
-    file = model_file(ckpt)
-    states = load_model_states(file)
-    module, cfg = states["module"], states.get("config", {})
-    model, moco = cfg.get("model", {}), cfg.get("moco", {})
-    buffers = set(states.get("buffer_names") or ())
-    autocast = states.get("ds_config", {}).get("torch_autocast", {})
+    meta, module = checkpoint.read_meta(ckpt), read_module(ckpt)
+    cfg = meta.get("config", {})
+    model, moco, engine = cfg.get("model", {}), cfg.get("moco", {}), cfg.get("engine", {})
+    backend = engine.get("backend", "deepspeed")
+    if backend == "deepspeed":
+        backend += f", ZeRO-{engine.get('zero_stage')}"
     rank_files = sorted(ckpt.glob("rank_*.pt"))
-    others = [p for p in ckpt.iterdir() if p.is_file() and p != file and p not in rank_files]
+    engine_files = [p for p in ckpt.iterdir() if p.is_file() and p not in rank_files]
     rows = [
         ("checkpoint", str(ckpt)),
-        ("step", str(states.get("step"))),
-        ("epoch", f"{states.get('epoch')} (samples consumed / samples in the data)"),
-        ("world size", f"{len(rank_files)} (rank_*.pt files)"),
+        ("step", str(meta.get("step"))),
+        ("epoch", f"{meta.get('epoch')} (samples consumed / samples in the data)"),
+        ("world size", f"{meta.get('world_size')} ({backend})"),
         ("arch", f"{model.get('arch')} (width {model.get('width')}, small_stem {model.get('small_stem')})"),
         ("moco", f"{moco.get('version')}, dim {moco.get('dim')}, K {moco.get('queue_size')}"),
-        ("precision", f"{cfg.get('engine', {}).get('precision')} (ran as {autocast.get('dtype', 'float32')})"),
-        ("params q backbone", f"{_numel(module, BACKBONE, buffers):,}"),
-        ("params q head", f"{_numel(module, HEAD, buffers):,}"),
+        ("precision", str(engine.get("precision"))),
+        ("params q backbone", f"{_numel(module, BACKBONE):,}"),
+        ("params q head", f"{_numel(module, HEAD):,}"),
     ]
     if any(k.startswith("predictor.") for k in module):
-        rows.append(("params predictor", f"{_numel(module, 'predictor.', buffers):,}"))
-    rows.append(("params key encoder", f"{_numel(module, 'encoder_k.', buffers):,}"))
+        rows.append(("params predictor", f"{_numel(module, 'predictor.'):,}"))
+    rows.append(("params key encoder", f"{_numel(module, 'encoder_k.'):,}"))
     if "queue.keys" in module:
         keys = module["queue.keys"]
-        rows.append(("queue", f"{keys.shape[0]} keys x {keys.shape[1]}, ptr {int(module['queue.ptr'])}"))
+        sharded = " (rank 0's slice; moco.shard_queue)" if moco.get("shard_queue") else ""
+        rows.append(("queue", f"{keys.shape[0]} keys x {keys.shape[1]}, ptr {int(module['queue.ptr'])}{sharded}"))
     else:
         rows.append(("queue", "none"))
-    rows.append((file.name, _size(file.stat().st_size)))
+    rows.append((f"engine files ({len(engine_files)})", _size(sum(p.stat().st_size for p in engine_files))))
     rows.append((f"rank_*.pt ({len(rank_files)})", _size(sum(p.stat().st_size for p in rank_files))))
-    if others:
-        rows.append((f"other files ({len(others)})", _size(sum(p.stat().st_size for p in others))))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 

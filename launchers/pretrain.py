@@ -31,7 +31,9 @@ from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import remap_state, resolve_backend, two_view_batches
 from moco_scale.data.shards import DataError, count_samples, list_shards
 from moco_scale.dist.comm import DistInfo, init_distributed
+from moco_scale.engine.base import TrainEngine
 from moco_scale.engine.deepspeed import DeepSpeedEngine
+from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.eval.knn import KnnMonitor
 from moco_scale.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
 from moco_scale.moco import MoCo
@@ -80,11 +82,15 @@ def uses_channels_last(cfg: Config, ctx: DistInfo) -> bool:
     return cfg.model.channels_last and ctx.device.type == "cuda"
 
 
-def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, DeepSpeedEngine]:
-    """The MoCo module on this rank's device, its optimizer and the engine around them."""
+def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, TrainEngine]:
+    """The MoCo module on this rank's device, and the engine (DeepSpeed or FSDP2) that shards and trains it."""
     seed_everything(cfg.train.seed)  # the same seed everywhere builds the same model and queue on every rank
+
+    def backbone() -> torch.nn.Module:
+        return build_resnet(cfg.model.arch, cfg.model.width, cfg.model.small_stem)
+
     model = MoCo(
-        build_resnet(cfg.model.arch, cfg.model.width, cfg.model.small_stem),
+        backbone(),
         version=cfg.moco.version,
         dim=cfg.moco.dim,
         mlp_dim=cfg.moco.mlp_dim,
@@ -100,27 +106,27 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Deep
     )
     memory_format = torch.channels_last if uses_channels_last(cfg, ctx) else torch.contiguous_format
     model.to(ctx.device, memory_format=memory_format)
-    optimizer = build_optimizer(
-        model,
-        cfg.optim.name,
-        peak_lr,
-        cfg.optim.momentum,
-        cfg.optim.weight_decay,
-        cfg.optim.betas,
-        cfg.optim.trust_coefficient,
-        ctx.device.type,
-    )
+
+    def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+        o = cfg.optim
+        return build_optimizer(
+            module, o.name, peak_lr, o.momentum, o.weight_decay, o.betas, o.trust_coefficient, ctx.device.type
+        )
+
     precision = cfg.engine.precision
     if precision == "auto":
         precision = "bf16" if ctx.device.type == "cuda" else "fp32"
+    if cfg.engine.backend == "fsdp":
+        return model, FSDPEngine(model, make_optimizer, precision, cfg.optim.grad_clip, backbone_factory=backbone)
     engine = DeepSpeedEngine(
         model,
-        optimizer,
+        make_optimizer,
         precision,
         cfg.engine.zero_stage,
         cfg.train.batch_size,
         ctx.world_size,
         grad_clip=cfg.optim.grad_clip,
+        backbone_factory=backbone,
     )
     return model, engine
 
@@ -269,7 +275,7 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         validate(cfg, world_size=world_size)
         shards, knn_bank, knn_val = resolve_shards(cfg)
         resolve_backend(cfg.data.backend, shards)
-        resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir)
+        resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir, world_size)
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

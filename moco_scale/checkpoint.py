@@ -2,11 +2,14 @@
 
 Layout under ``<run_dir>/checkpoints/``::
 
-    step_00000040/          DeepSpeed's files (module incl. key encoder, queue and BN buffers;
-                            optimizer shards, one per rank) + rank_00000.pt, rank_00001.pt, ...
-                            (each rank's loader position and RNG states, and with
-                            moco.shard_queue its slice of the queue, which DeepSpeed's
-                            module file, written by rank 0, cannot hold)
+    step_00000040/          the engine's files: DeepSpeed's (module incl. key encoder, queue and
+                            BN buffers; optimizer shards, one per rank; under ZeRO-3 the parameter
+                            partitions too) or torch.distributed.checkpoint's (FSDP2: .metadata and
+                            one .distcp file per rank)
+                            + rank_00000.pt, rank_00001.pt, ... (each rank's loader position and
+                            RNG states; the step, epoch, config and world size; with
+                            moco.shard_queue its slice of the queue, which the engine's files,
+                            holding rank 0's buffers, cannot hold)
     latest                  the tag of the newest complete checkpoint
 
 A checkpoint is written under ``<tag>.partial`` and renamed only after every rank has finished
@@ -86,16 +89,17 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    engine.save_checkpoint(
-        str(root), tag=partial.name, client_state={"step": step, "epoch": epoch, "config": config}, save_latest=False
-    )
+    engine.save_checkpoint(str(root), tag=partial.name)
     queue = _queue_slice(engine)
     torch.save(
         {
             "step": step,
+            "epoch": epoch,
+            "config": config,
             "loader": loader_state,
             "rng": rng_state(),
             "world_size": dist.get_world_size(),
+            "reshardable": engine.reshardable and queue is None,
             "queue_slice": queue.state_dict() if queue is not None else None,
         },
         _rank_file(partial, rank),
@@ -137,17 +141,24 @@ def locate(path: str | Path) -> Path:
     return given
 
 
-def find_resume(resume: str, run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from, checked to be complete: none for ``""``; for ``auto`` the newest
-    complete one under ``run_dir`` (falling back past damaged ones with a warning), or none; else the
-    given checkpoint, run directory or checkpoints folder, which must be loadable."""
+def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | None:
+    """The checkpoint to resume from on ``world_size`` ranks, checked to be complete: none for ``""``;
+    for ``auto`` the newest complete one under ``run_dir`` (falling back past damaged ones with a
+    warning), or none; else the given checkpoint, run directory or checkpoints folder, which must be
+    loadable."""
     if not resume:
         return None
     if resume != "auto":
         path = locate(resume)
         check_loadable(path)
-        return path
-    root = checkpoint_root(run_dir)
+    else:
+        path = _newest_loadable(checkpoint_root(run_dir))
+    if path is not None:
+        check_world_size(path, world_size)
+    return path
+
+
+def _newest_loadable(root: Path) -> Path | None:
     pointer = root / LATEST
     latest = root / pointer.read_text().strip() if pointer.is_file() else None
     candidates = [p for p in _tags_newest_first(root) if latest is None or p.name <= latest.name]
@@ -160,6 +171,25 @@ def find_resume(resume: str, run_dir: str | Path) -> Path | None:
                 continue
             print(f"warning: skipping damaged checkpoint: {err}", file=sys.stderr, flush=True)
     return None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Rank 0's file of checkpoint ``path``: step, epoch, config, world size, loader state, RNG."""
+    file = _rank_file(path, 0)
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {file.name}; not a moco_scale checkpoint or an incomplete one")
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def check_world_size(path: Path, world_size: int) -> None:
+    meta = read_meta(path)
+    saved = meta["world_size"]
+    if saved != world_size and not meta.get("reshardable", True):
+        engine = meta.get("config", {}).get("engine", {})
+        what = "moco.shard_queue" if meta.get("queue_slice") is not None else f"ZeRO-{engine.get('zero_stage')}"
+        raise CheckpointError(
+            f"{path}: {what} checkpoints resume on the world size that wrote them ({saved} ranks), not {world_size}"
+        )
 
 
 def check_loadable(path: Path) -> None:
@@ -175,8 +205,10 @@ def check_loadable(path: Path) -> None:
             raise CheckpointError(f"{file} is truncated or unreadable") from None
     written_by = torch.load(rank_files[0], weights_only=False)["world_size"]
     expected = [_rank_file(path, r) for r in range(written_by)]
-    if any(path.glob("zero_pp_rank_*")):  # ZeRO 1/2: one optimizer shard per rank
+    if any(path.glob("zero_pp_rank_*")):  # ZeRO 1-3: one optimizer shard per rank
         expected += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(written_by)]
+    if any(path.glob("*.distcp")):  # torch.distributed.checkpoint: an index and one file per rank
+        expected += [path / ".metadata"] + [path / f"__{r}_0.distcp" for r in range(written_by)]
     missing = [file.name for file in expected if not file.is_file()]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}")
@@ -191,12 +223,8 @@ def load(engine, path: Path) -> tuple[int, dict, int]:
     """
     own_file = _rank_file(path, dist.get_rank())
     own = torch.load(own_file if own_file.is_file() else _rank_file(path, 0), weights_only=False)
+    check_world_size(path, dist.get_world_size())
     queue = _queue_slice(engine)
-    if queue is not None and own["world_size"] != dist.get_world_size():
-        raise CheckpointError(
-            f"{path}: moco.shard_queue checkpoints resume on the same world size ({own['world_size']} ranks), "
-            f"not {dist.get_world_size()}"
-        )
     if queue is not None and own.get("queue_slice") is None:
         raise CheckpointError(f"{path} holds a replicated queue, but moco.shard_queue=true")
     engine.load_checkpoint(str(path.parent), tag=path.name, saved_world_size=own["world_size"])

@@ -84,9 +84,9 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    backend: Literal["deepspeed"] = "deepspeed"
+    backend: Literal["deepspeed", "fsdp"] = "deepspeed"  # fsdp: FSDP2 (fully_shard), launched by torchrun
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    zero_stage: int = 0
+    zero_stage: int = 0  # deepspeed: 0-3 (3 shards the parameters, as fsdp does)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cuda_graph_ema: bool = True
 
@@ -275,8 +275,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(f"{name} must be >= 0, got {value}")
     if not 0.0 <= m.momentum < 1.0:
         raise ConfigError(f"moco.momentum must be in [0, 1), got {m.momentum}")
-    if cfg.engine.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.engine.zero_stage}")
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    if cfg.engine.backend == "fsdp" and cfg.engine.zero_stage:
+        raise ConfigError("engine.zero_stage is for engine.backend=deepspeed; fsdp always shards (leave it 0)")
+    if cfg.engine.backend == "fsdp" and cfg.engine.precision == "fp16":
+        raise ConfigError("engine.backend=fsdp runs fp32 or bf16; fp16 (loss scaling) needs engine.backend=deepspeed")
     if m.version != "v3" and m.queue_size <= 0:
         raise ConfigError(f"moco.queue_size must be > 0 for MoCo {m.version}, got {m.queue_size}")
     if m.version == "v3" and m.shard_queue:

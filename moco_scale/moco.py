@@ -19,7 +19,7 @@ from torch import nn
 from moco_scale import profiling
 from moco_scale.dist import shuffle_bn
 from moco_scale.dist.comm import all_gather_concat, rank
-from moco_scale.dist.ema import MomentumUpdater
+from moco_scale.dist.ema import LocalShard, MomentumUpdater
 from moco_scale.dist.queue import KeyQueue, ShardedKeyQueue
 
 
@@ -113,12 +113,19 @@ class MoCo(nn.Module):
         self.key_bn_buffers = key_bn_buffers
         self.cuda_graph_ema = cuda_graph_ema
         self._updater: MomentumUpdater | None = None
+        self._local_shard: LocalShard | None = None
+
+    def use_local_shards(self, local_shard: LocalShard) -> None:
+        """Set by a sharding backend: the momentum update then runs on each parameter's local shard."""
+        self._local_shard, self._updater = local_shard, None
 
     @profiling.timed("ema")
     def momentum_update(self, momentum: float) -> None:
         """key encoder <- momentum * key encoder + (1 - momentum) * query encoder."""
         if self._updater is None:  # built on first use: moving the module replaces its buffers
-            self._updater = MomentumUpdater(self.encoder_q, self.encoder_k, self.key_bn_buffers, self.cuda_graph_ema)
+            self._updater = MomentumUpdater(
+                self.encoder_q, self.encoder_k, self.key_bn_buffers, self.cuda_graph_ema, self._local_shard
+            )
         self._updater(momentum)
 
     @profiling.timed("query_fwd_bwd")
@@ -135,11 +142,14 @@ class MoCo(nn.Module):
         k = self.encoder_k(shuffle_bn.shuffle(x, plan))
         return F.normalize(shuffle_bn.unshuffle(k, plan), dim=1)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float | None, step: int) -> MocoOutput:
+        """The loss of one step. ``momentum`` is None when the caller has already moved the key
+        encoder (a sharding backend must, before its forward starts gathering parameters)."""
         if self.version == "v3":
             return self._forward_v3(view1, view2, momentum, step)
         q = F.normalize(self._query(view1), dim=1)
-        self.momentum_update(momentum)
+        if momentum is not None:
+            self.momentum_update(momentum)
         k = self._key(view2, step)
         with profiling.stage("queue_loss"), torch.autocast(q.device.type, enabled=False):
             q, k = q.float(), k.float()
@@ -165,9 +175,10 @@ class MoCo(nn.Module):
             loss, accuracy = info_nce(logits, labels)
         return loss * 2 * self.temperature, accuracy
 
-    def _forward_v3(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
+    def _forward_v3(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float | None, step: int) -> MocoOutput:
         q1, q2 = self._query(view1), self._query(view2)
-        self.momentum_update(momentum)
+        if momentum is not None:
+            self.momentum_update(momentum)
         k1, k2 = self._key(view1, step), self._key(view2, step)
         loss_12, acc_12 = self._contrast(q1, k2)
         loss_21, acc_21 = self._contrast(q2, k1)

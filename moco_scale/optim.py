@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 try:  # optional: NVIDIA apex's fused optimisers, when someone built it
     from apex.optimizers import FusedSGD as ApexFusedSGD  # type: ignore[import-not-found]
@@ -93,8 +94,10 @@ def build_optimizer(
         groups = parameter_groups(model, weight_decay, exclude_1d=False)
         if ApexFusedSGD is not None and device_type == "cuda":
             return ApexFusedSGD(groups, lr=lr, momentum=momentum)
-        # torch's fused SGD, on the CPU too: one pass per tensor, 2-4x faster there than foreach or the loop.
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+        # torch's fused SGD, on the CPU too: one pass per tensor, 2-4x faster there than foreach or the loop;
+        # FSDP's sharded parameters (DTensors) have no fused kernel: foreach there.
+        sharded = any(isinstance(p, DTensor) for group in groups for p in group["params"])
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=not sharded or None)
     if name == "lars":
         return LARS(
             parameter_groups(model, weight_decay, exclude_1d=False),

@@ -1,10 +1,15 @@
 """A pretrained query backbone's weights: read from a checkpoint, or from a file that launchers/export.py wrote.
 
-Only rank 0's DeepSpeed model file is read (ZeRO stages 0-2 keep the whole module there).
+Checkpoints are read on the CPU with no process group, whatever wrote them: rank 0's DeepSpeed
+model file (ZeRO 0-2 keep the whole module there), the ZeRO-3 partitions put back together, or an
+FSDP2 run's torch.distributed.checkpoint files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,29 @@ def load_model_states(file: Path) -> dict[str, Any]:
     return states
 
 
+def _zero_stage(states: dict[str, Any]) -> int:
+    return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def read_module(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the MoCo module in checkpoint folder ``ckpt`` (both encoders, heads, queue, BN
+    buffers), whole, on the CPU."""
+    if (ckpt / ".metadata").is_file():  # FSDP2: torch.distributed.checkpoint
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = _load_state_dict_from_keys({"model"}, checkpoint_id=str(ckpt))
+        return state["model"]
+    states = load_model_states(model_file(ckpt))
+    if _zero_stage(states) != 3:
+        return states["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
 def strip(module: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Entries under ``prefix``, renamed without it, as standalone contiguous copies.
 
@@ -64,8 +92,8 @@ def load_backbone(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     (``--layout torchvision`` or ``fbmoco``)."""
     path = Path(source)
     if path.is_dir():
-        states = load_model_states(model_file(checkpoint.locate(path)))
-        return strip(states["module"], BACKBONE), dict(states.get("config") or {})
+        ckpt = checkpoint.locate(path)
+        return strip(read_module(ckpt), BACKBONE), dict(checkpoint.read_meta(ckpt).get("config") or {})
     if not path.is_file():
         raise WeightsError(f"{str(path)!r} does not exist")
     try:

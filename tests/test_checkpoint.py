@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _fake_checkpoint(run_dir: Path, tag: str, world_size: int, zero: int = 0) -> Path:
     path = checkpoint.checkpoint_root(run_dir) / tag
     path.mkdir(parents=True)
+    meta = {"world_size": world_size, "reshardable": zero != 3, "config": {"engine": {"zero_stage": zero}}}
     for rank in range(world_size):
-        torch.save({"world_size": world_size}, path / f"rank_{rank:05d}.pt")
+        torch.save(meta, path / f"rank_{rank:05d}.pt")
         if zero:
             torch.save({}, path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     (checkpoint.checkpoint_root(run_dir) / checkpoint.LATEST).write_text(tag)
@@ -32,19 +33,28 @@ def _fake_checkpoint(run_dir: Path, tag: str, world_size: int, zero: int = 0) ->
 
 
 def test_resume_resolution(tmp_path: Path) -> None:
-    assert checkpoint.find_resume("", tmp_path) is None
-    assert checkpoint.find_resume("auto", tmp_path) is None  # nothing yet: start fresh
+    assert checkpoint.find_resume("", tmp_path, 2) is None
+    assert checkpoint.find_resume("auto", tmp_path, 2) is None  # nothing yet: start fresh
     path = _fake_checkpoint(tmp_path, "step_00000007", 2)
     (checkpoint.checkpoint_root(tmp_path) / "step_00000009.partial").mkdir()  # a save killed midway
-    assert checkpoint.find_resume("auto", tmp_path) == path
-    assert checkpoint.find_resume(str(tmp_path), "elsewhere") == path  # a run directory
-    assert checkpoint.find_resume(str(checkpoint.checkpoint_root(tmp_path)), "elsewhere") == path
-    assert checkpoint.find_resume(str(path), "elsewhere") == path
+    assert checkpoint.find_resume("auto", tmp_path, 2) == path
+    assert checkpoint.find_resume(str(tmp_path), "elsewhere", 2) == path  # a run directory
+    assert checkpoint.find_resume(str(checkpoint.checkpoint_root(tmp_path)), "elsewhere", 2) == path
+    assert checkpoint.find_resume(str(path), "elsewhere", 3) == path  # another world size: re-cut on load
     with pytest.raises(checkpoint.CheckpointError, match="nope' does not exist"):
-        checkpoint.find_resume(str(tmp_path / "nope"), tmp_path)
+        checkpoint.find_resume(str(tmp_path / "nope"), tmp_path, 2)
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint folder"):
-        checkpoint.find_resume(str(tmp_path / "file.txt"), tmp_path)
+        checkpoint.find_resume(str(tmp_path / "file.txt"), tmp_path, 2)
+
+
+def test_fixed_world_size_checkpoints_are_refused_on_another(tmp_path: Path) -> None:
+    """ZeRO-3 partitions (and sharded queues) are not re-cut: a one-line error before any compute."""
+    path = _fake_checkpoint(tmp_path, "step_00000007", 2, zero=3)
+    assert checkpoint.find_resume("auto", tmp_path, 2) == path
+    message = "ZeRO-3 checkpoints resume on the world size that wrote them [(]2 ranks[)], not 1$"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.find_resume("auto", tmp_path, 1)
 
 
 def test_auto_falls_back_past_damaged_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -52,10 +62,10 @@ def test_auto_falls_back_past_damaged_checkpoints(tmp_path: Path, capsys: pytest
     newer = _fake_checkpoint(tmp_path, "step_00000008", 2, zero=2)
     rank_file = newer / "rank_00001.pt"
     rank_file.write_bytes(rank_file.read_bytes()[:50])  # truncated
-    assert checkpoint.find_resume("auto", tmp_path) == older
+    assert checkpoint.find_resume("auto", tmp_path, 2) == older
     assert "skipping damaged checkpoint" in capsys.readouterr().err
     with pytest.raises(checkpoint.CheckpointError, match="rank_00001.pt is truncated or unreadable"):
-        checkpoint.find_resume(str(newer), tmp_path)  # asked for by name: no silent fallback
+        checkpoint.find_resume(str(newer), tmp_path, 2)  # asked for by name: no silent fallback
 
 
 def test_damaged_checkpoints_get_one_line_errors(tmp_path: Path) -> None:

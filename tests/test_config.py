@@ -43,7 +43,7 @@ def test_overrides_are_typed() -> None:
         ({"engine.precision": "fp8"}, "engine.precision: 'fp8' is not one of auto, fp32, bf16, fp16"),
         ({"train.progress": "maybe"}, "train.progress: expected true or false"),
         ({"train.batch_size": 0}, "train.batch_size must be > 0"),
-        ({"engine.zero_stage": 3}, "engine.zero_stage must be 0, 1 or 2"),
+        ({"engine.zero_stage": 4}, "engine.zero_stage must be 0, 1, 2 or 3"),
         ({"moco.version": "v3", "moco.shuffle_bn": "shuffle"}, "MoCo v3 uses sync or none"),
         ({"moco.version": "v3", "moco.shard_queue": True}, "moco.shard_queue is for v1/v2; MoCo v3 has no queue"),
         ({"train": 5}, "names a section, not a field"),

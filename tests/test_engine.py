@@ -1,5 +1,5 @@
-"""The DeepSpeed engine: a step is a plain SGD step; on 2 gloo ranks ZeRO 0/1/2 agree, and every precision
-keeps BatchNorm working."""
+"""The engines: a step is a plain SGD step; on 2 gloo ranks DeepSpeed ZeRO 0-3 and FSDP2 agree (the sharded
+key-encoder EMA included), and every precision keeps BatchNorm working."""
 
 from __future__ import annotations
 
@@ -8,14 +8,26 @@ import copy
 import pytest
 import torch
 from dist_utils import run_ranks
+from torch.distributed.tensor import DTensor
 
 from moco_scale.engine.deepspeed import DeepSpeedEngine
+from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
 from moco_scale.optim import build_optimizer
 
 
-def _train(rank: int, world: int, precision: str, zero_stage: int, out: str) -> None:
+def _whole_state(model: MoCo, backend: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the module, gathered whole from the shards under ZeRO-3 and FSDP."""
+    if backend == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return {k: v.clone() for k, v in model.state_dict().items()}
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v.clone() for k, v in model.state_dict().items()}
+
+
+def _train(rank: int, world: int, precision: str, backend: str, out: str) -> None:
     torch.manual_seed(0)
     model = MoCo(
         build_resnet("resnet18"),
@@ -26,9 +38,18 @@ def _train(rank: int, world: int, precision: str, zero_stage: int, out: str) -> 
         world_size=world,
         cuda_graph_ema=False,
     ).train()
-    engine = DeepSpeedEngine(
-        model, build_optimizer(model, "sgd", lr=0.1), precision, zero_stage, micro_batch=8, world_size=world
-    )
+
+    def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(module, "sgd", lr=0.1)
+
+    def backbone() -> torch.nn.Module:
+        return build_resnet("resnet18")
+
+    if backend == "fsdp":
+        engine = FSDPEngine(model, make_optimizer, precision, backbone_factory=backbone)
+    else:
+        stage = int(backend.removeprefix("zero"))
+        engine = DeepSpeedEngine(model, make_optimizer, precision, stage, 8, world, backbone_factory=backbone)
     g = torch.Generator().manual_seed(rank)
     losses = []
     for step in range(3):
@@ -36,14 +57,18 @@ def _train(rank: int, world: int, precision: str, zero_stage: int, out: str) -> 
         result = engine.train_step(x1, x2, lr=0.1, momentum=0.9, step=step)
         losses.append(result.loss.item())
     assert all(torch.isfinite(torch.tensor(losses))), losses
+    state = _whole_state(model, backend)
     # The precision policy: parameters, BN statistics and the queue stay fp32.
-    assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+    flat = torch.cat([v.flatten().float() for k, v in state.items() if "encoder" in k and "running" not in k])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     torch.distributed.all_gather(gathered, flat)
     assert torch.equal(gathered[0], gathered[1]), "ranks disagree on the parameters"
+    backbone_copy = engine.query_backbone().eval()  # what the kNN monitor evaluates
+    with torch.no_grad():
+        features = backbone_copy(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     if precision == "fp16":  # the loss scaler survives a checkpoint round trip (DeepSpeed does not save it)
-        engine.save_checkpoint(f"{out}.ckpt", "t", {})
+        engine.save_checkpoint(f"{out}.ckpt", "t")
         scaler = engine._grad_scaler()
         expected = scaler.state_dict()
         assert expected["scale"] != 2.0**16 or expected["_growth_tracker"] > 0  # it moved during training
@@ -51,34 +76,47 @@ def _train(rank: int, world: int, precision: str, zero_stage: int, out: str) -> 
         engine.load_checkpoint(f"{out}.ckpt", "t", saved_world_size=world)
         assert scaler.state_dict() == expected
     if rank == 0:
-        torch.save({"state": model.state_dict(), "losses": losses}, out)
+        torch.save({"state": state, "losses": losses, "features": features}, out)
 
 
-RUNS = [("fp32", 0), ("fp32", 1), ("fp32", 2), ("bf16", 2), ("fp16", 0)]
+RUNS = [
+    ("fp32", "zero0"),
+    ("fp32", "zero1"),
+    ("fp32", "zero2"),
+    ("fp32", "zero3"),
+    ("fp32", "fsdp"),
+    ("bf16", "zero2"),
+    ("bf16", "fsdp"),
+    ("fp16", "zero0"),
+]
 
 
 def _train_all(rank: int, world: int, out_dir: str) -> None:
-    for precision, stage in RUNS:
-        _train(rank, world, precision, stage, f"{out_dir}/{precision}-zero{stage}.pt")
+    for precision, backend in RUNS:
+        _train(rank, world, precision, backend, f"{out_dir}/{precision}-{backend}.pt")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict]:
     out_dir = tmp_path_factory.mktemp("engine")
     run_ranks(_train_all, 2, str(out_dir))  # one pair of processes for every run: start-up dominates
-    return {(p, s): torch.load(out_dir / f"{p}-zero{s}.pt") for p, s in RUNS}
+    return {(p, b): torch.load(out_dir / f"{p}-{b}.pt") for p, b in RUNS}
 
 
-def test_zero_stages_agree(runs: dict) -> None:
-    reference = runs["fp32", 0]["state"]
-    for stage in (1, 2):
-        for name, ref in reference.items():
-            torch.testing.assert_close(runs["fp32", stage]["state"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
-    assert not torch.equal(reference["encoder_q.backbone.conv1.weight"], reference["encoder_k.backbone.conv1.weight"])
+@pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3", "fsdp"])
+def test_backends_agree(runs: dict, backend: str) -> None:
+    """After 3 steps every backend holds the same module as unsharded ZeRO-0: query side, queue, and the
+    key encoder, whose momentum update ran on the local shards under ZeRO-3 and FSDP."""
+    reference = runs["fp32", "zero0"]
+    for name, ref in reference["state"].items():
+        torch.testing.assert_close(runs["fp32", backend]["state"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(runs["fp32", backend]["features"], reference["features"], rtol=1e-4, atol=1e-5)
+    state = reference["state"]
+    assert not torch.equal(state["encoder_q.backbone.conv1.weight"], state["encoder_k.backbone.conv1.weight"])
 
 
-@pytest.mark.parametrize("run", [("bf16", 2), ("fp16", 0)])
-def test_low_precision_trains_with_batchnorm(runs: dict, run: tuple[str, int]) -> None:
+@pytest.mark.parametrize("run", [("bf16", "zero2"), ("bf16", "fsdp"), ("fp16", "zero0")])
+def test_low_precision_trains_with_batchnorm(runs: dict, run: tuple[str, str]) -> None:
     low, ref = runs[run], runs["fp32", run[1]]
     # Autocast changes the arithmetic, not the algorithm: the first loss agrees to low-precision accuracy.
     assert abs(low["losses"][0] - ref["losses"][0]) < 0.05 * abs(ref["losses"][0])
@@ -89,7 +127,7 @@ def _one_step_against_plain_sgd(rank: int, world: int, grad_clip: float) -> None
     torch.manual_seed(0)
     model = MoCo(build_resnet("resnet18"), version="v2", dim=16, queue_size=64, bn_groups=2, cuda_graph_ema=False)
     reference = copy.deepcopy(model)
-    engine = DeepSpeedEngine(model, build_optimizer(model, "sgd", lr=0.1), "fp32", 0, 8, 1, grad_clip=grad_clip)
+    engine = DeepSpeedEngine(model, lambda m: build_optimizer(m, "sgd", lr=0.1), "fp32", 0, 8, 1, grad_clip=grad_clip)
     x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     engine.train_step(x1, x2, lr=0.1, momentum=0.9, step=0)
     optimizer = build_optimizer(reference, "sgd", lr=0.1)  # the same SGD, outside DeepSpeed

@@ -45,6 +45,9 @@ def _bad_inputs(tmp: Path) -> list[tuple[dict, str]]:
         ({"train.max_steps": "ten"}, "train.max_steps: expected an integer, got 'ten'"),
         ({"optim.base_lr": "fast"}, "optim.base_lr: expected a number, got 'fast'"),
         ({"trian.max_steps": 5}, "unknown section 'trian'"),
+        ({"engine.zero_stage": 4}, "engine.zero_stage must be 0, 1, 2 or 3, got 4"),
+        ({"engine.backend": "fsdp", "engine.precision": "fp16"}, "engine.backend=fsdp runs fp32 or bf16"),
+        ({"engine.backend": "fsdp", "engine.zero_stage": 2}, "engine.zero_stage is for engine.backend=deepspeed"),
     ]
 
 

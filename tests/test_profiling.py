@@ -77,7 +77,7 @@ def test_single_process_v3_step_is_broken_down() -> None:
 def _engine(world: int) -> tuple[MoCo, DeepSpeedEngine]:
     model = _moco("v2", world)
     return model, DeepSpeedEngine(
-        model, build_optimizer(model, "sgd", lr=0.1), "fp32", 0, micro_batch=4, world_size=world
+        model, lambda m: build_optimizer(m, "sgd", lr=0.1), "fp32", 0, micro_batch=4, world_size=world
     )
 
 

@@ -4,7 +4,10 @@ All parameters move in one multi-tensor op per step instead of one small kernel 
 On CUDA the update is captured once in a CUDA graph with ``m`` held in a device tensor, so a
 changing momentum (MoCo v3's cosine schedule) replays the same graph with no re-capture.
 
-BN buffers follow ``buffer_policy``:
+Under a sharding backend (ZeRO-3, FSDP2) both encoders are sharded alike, and ``local_shard``
+maps each parameter to this rank's shard of it: the update is then local, with no gather.
+
+BN buffers (never sharded) follow ``buffer_policy``:
 - ``own``: the key encoder keeps the statistics of its own forward passes (the MoCo papers);
 - ``copy``: the key encoder's buffers are overwritten with the query encoder's;
 - ``ema``: floating-point buffers are averaged like parameters; counters are copied.
@@ -12,8 +15,12 @@ BN buffers follow ``buffer_policy``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+LocalShard = Callable[[nn.Parameter], torch.Tensor]
 
 BUFFER_POLICIES = ("own", "copy", "ema")
 
@@ -21,14 +28,24 @@ BUFFER_POLICIES = ("own", "copy", "ema")
 class MomentumUpdater:
     """Moves ``target`` (the key encoder) towards ``online`` (the query encoder)."""
 
-    def __init__(self, online: nn.Module, target: nn.Module, buffer_policy: str = "own", cuda_graph: bool = True):
+    def __init__(
+        self,
+        online: nn.Module,
+        target: nn.Module,
+        buffer_policy: str = "own",
+        cuda_graph: bool = True,
+        local_shard: LocalShard | None = None,
+    ):
         if buffer_policy not in BUFFER_POLICIES:
             raise ValueError(f"buffer_policy must be one of {BUFFER_POLICIES}, got {buffer_policy!r}")
         online_params, target_params = dict(online.named_parameters()), dict(target.named_parameters())
         if online_params.keys() != target_params.keys():
             raise ValueError("online and target modules must have the same parameter names")
-        self.online = [online_params[n] for n in online_params]
-        self.target = [target_params[n] for n in online_params]
+        shard = local_shard or (lambda param: param)
+        self.online = [shard(online_params[n]) for n in online_params]
+        self.target = [shard(target_params[n]) for n in online_params]
+        if any(o.shape != t.shape for o, t in zip(self.online, self.target, strict=True)):
+            raise ValueError("online and target parameters must be sharded alike")
         online_buffers, target_buffers = dict(online.named_buffers()), dict(target.named_buffers())
         names = list(online_buffers) if buffer_policy != "own" else []
         floating = [n for n in names if online_buffers[n].is_floating_point()]

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from moco_scale.moco import MoCo, MocoOutput
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]  # built on the parameters the backend trains
 
 
 class TrainEngine(ABC):
     """Owns the wrapped model, the optimizer and the precision policy."""
 
     model: MoCo  # the unwrapped module: encoders, head, queue
+    reshardable: bool  # whether its checkpoints resume on another world size
 
     @abstractmethod
     def train_step(
@@ -21,7 +26,7 @@ class TrainEngine(ABC):
         """One forward, backward and optimizer step at learning rate ``lr`` and key momentum ``momentum``."""
 
     @abstractmethod
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
         """Every rank writes its shard of the model and optimizer state under ``save_dir/tag``."""
 
     @abstractmethod
@@ -29,6 +34,21 @@ class TrainEngine(ABC):
         """Restore what :meth:`save_checkpoint` wrote on ``saved_world_size`` ranks, re-cutting sharded
         state when the world size has changed."""
 
-    def query_backbone(self) -> torch.nn.Module:
-        """The backbone to evaluate and export."""
+    def query_backbone(self) -> nn.Module:
+        """The query backbone, whole, to evaluate (a collective call under a sharding backend)."""
         return self.model.encoder_q.backbone
+
+
+class ShardedBackbone:
+    """A whole copy of a sharded query backbone for evaluation, built once from ``factory`` (the
+    backbone's constructor) and refreshed from the gathered weights at each call."""
+
+    def __init__(self, factory: Callable[[], nn.Module]):
+        self.factory = factory
+        self.copy: nn.Module | None = None
+
+    def __call__(self, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+        if self.copy is None:
+            self.copy = self.factory().to(device)
+        self.copy.load_state_dict(state)
+        return self.copy

@@ -10,13 +10,15 @@ which breaks BatchNorm.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from moco_scale import profiling
-from moco_scale.engine.base import TrainEngine
+from moco_scale.engine.base import OptimizerFactory, ShardedBackbone, TrainEngine
 from moco_scale.moco import MoCo, MocoOutput
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -36,6 +38,10 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if zero_stage == 3:
+        # Partition every parameter, however small: the key encoder's momentum update writes the
+        # local shards, and a parameter kept whole on every rank would not see it until re-gathered.
+        config["zero_optimization"] |= {"stage3_param_persistence_threshold": 0, "model_persistence_threshold": 0}
     if precision in AUTOCAST_DTYPES:
         config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision]}
     return config
@@ -80,17 +86,22 @@ def reshard_zero_optimizer(zero_optimizer: Any, path: Path, saved_world_size: in
 
 
 class DeepSpeedEngine(TrainEngine):
-    """Wraps :class:`MoCo` in ``deepspeed.initialize``; only the query side has trainable parameters."""
+    """Wraps :class:`MoCo` in ``deepspeed.initialize``; only the query side has trainable parameters.
+
+    Under ZeRO-3 both encoders are partitioned alike, so the key encoder's momentum update runs on
+    the local partitions (no gather), and ``backbone_factory`` builds the whole copy to evaluate.
+    ZeRO-3 checkpoints resume on the world size that wrote them only."""
 
     def __init__(
         self,
         model: MoCo,
-        optimizer: torch.optim.Optimizer,
+        make_optimizer: OptimizerFactory,
         precision: str,
         zero_stage: int,
         micro_batch: int,
         world_size: int,
         grad_clip: float = 0.0,
+        backbone_factory: Callable[[], nn.Module] | None = None,
     ):
         import deepspeed
         from deepspeed.utils import logger as ds_logger
@@ -98,14 +109,23 @@ class DeepSpeedEngine(TrainEngine):
         ds_logger.setLevel(logging.WARNING)
         self.model = model
         self.config = deepspeed_config(precision, zero_stage, micro_batch, world_size, grad_clip)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model), config=self.config
+        )
+        self.sharded_parameters = zero_stage == 3
+        self.reshardable = not self.sharded_parameters
+        self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
+        if self.sharded_parameters:
+            model.use_local_shards(lambda param: param.ds_tensor)
 
     def train_step(
         self, view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float, step: int
     ) -> MocoOutput:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out: MocoOutput = self.engine(view1, view2, momentum=momentum, step=step)
+        if self.sharded_parameters:  # before ZeRO-3 prefetches the key encoder's old parameters
+            self.model.momentum_update(momentum)
+        out: MocoOutput = self.engine(view1, view2, momentum=None if self.sharded_parameters else momentum, step=step)
         # DeepSpeed reduces the gradients inside backward, after autograd, in allreduce_gradients.
         with profiling.stage("query_fwd_bwd"), profiling.timed_calls(self.engine, "allreduce_gradients", "comm"):
             self.engine.backward(out.loss)
@@ -117,11 +137,22 @@ class DeepSpeedEngine(TrainEngine):
         """fp16's loss scaler, which DeepSpeed's ``torch_autocast`` mode keeps but does not checkpoint."""
         return self.engine.torch_autocast_z0_gradscaler or getattr(self.optimizer, "torch_autocast_gradscaler", None)
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+    def query_backbone(self) -> nn.Module:
+        if not self.sharded_parameters:
+            return super().query_backbone()
+        import deepspeed
+
+        if self._whole_backbone is None:
+            raise ValueError("evaluating under ZeRO-3 needs the engine's backbone_factory")
+        backbone = self.model.encoder_q.backbone
+        with deepspeed.zero.GatheredParameters(list(backbone.parameters())):
+            state = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
+        return self._whole_backbone(state, next(iter(state.values())).device)
+
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
         scaler = self._grad_scaler()
-        if scaler is not None:
-            client_state = {**client_state, "grad_scaler": scaler.state_dict()}
-        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+        client_state = {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
 
     def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int) -> None:
         resharding = self.engine.zero_optimization() and saved_world_size != self.engine.dp_world_size

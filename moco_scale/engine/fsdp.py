@@ -1,0 +1,112 @@
+"""FSDP2 backend: ``torch.distributed.fsdp.fully_shard`` over both encoders, checkpoints through
+``torch.distributed.checkpoint`` (sharded on save, re-cut on load, so the world size may change).
+
+Sharding. Every residual block, each encoder's stem and head, and the v3 predictor are FSDP
+units, cut the same way in the query and the key encoder: a key parameter's local shard lines up
+with its query twin's, and the momentum update is a local multi-tensor op on the shards.
+
+Precision policy, as in the DeepSpeed backend: parameters, BN buffers, the queue and the optimizer
+state stay fp32; convolutions and linear layers run in bf16 under ``torch.autocast``; the loss is
+fp32. (fp16, which needs a loss scaler agreed across shards, is left to the DeepSpeed backend.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from moco_scale import profiling
+from moco_scale.engine.base import OptimizerFactory, ShardedBackbone, TrainEngine
+from moco_scale.moco import MoCo, MocoOutput
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _local_shard(param: nn.Parameter) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def shard_moco(model: MoCo, mesh) -> None:
+    """Make both encoders (block by block), the predictor and the whole module FSDP units."""
+    for encoder in (model.encoder_q, model.encoder_k):
+        for stage in STAGES:
+            for block in getattr(encoder.backbone, stage, ()):
+                fully_shard(block, mesh=mesh)
+        fully_shard(encoder, mesh=mesh)
+    if model.predictor is not None:
+        fully_shard(model.predictor, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+class FSDPEngine(TrainEngine):
+    """Shards :class:`MoCo` with FSDP2; only the query side has trainable parameters.
+
+    ``backbone_factory`` builds the whole query backbone that :meth:`query_backbone` fills with
+    the gathered weights for evaluation."""
+
+    reshardable = True
+
+    def __init__(
+        self,
+        model: MoCo,
+        make_optimizer: OptimizerFactory,
+        precision: str,
+        grad_clip: float = 0.0,
+        backbone_factory: Callable[[], nn.Module] | None = None,
+    ):
+        if precision not in ("fp32", *AUTOCAST_DTYPES):
+            raise ValueError(f"the FSDP backend runs fp32 or bf16, not {precision!r}")
+        device = next(model.parameters()).device
+        self.model = model
+        shard_moco(model, init_device_mesh(device.type, (torch.distributed.get_world_size(),)))
+        model.use_local_shards(_local_shard)
+        self.optimizer = make_optimizer(model)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
+        self.grad_clip = grad_clip
+        self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
+
+    def train_step(
+        self, view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float, step: int
+    ) -> MocoOutput:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.momentum_update(momentum)  # on the shards, before the forward gathers them
+        with torch.autocast(view1.device.type, self.autocast_dtype or torch.bfloat16, self.autocast_dtype is not None):
+            out: MocoOutput = self.model(view1, view2, momentum=None, step=step)
+        with profiling.stage("query_fwd_bwd"):  # FSDP reduce-scatters the gradients inside backward
+            out.loss.backward()
+        with profiling.stage("optimizer"):
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return MocoOutput(out.loss.detach(), out.inst_acc.detach())
+
+    def query_backbone(self) -> nn.Module:
+        if self._whole_backbone is None:
+            raise ValueError("evaluating under FSDP needs the engine's backbone_factory")
+        state = {
+            name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            for name, tensor in self.model.encoder_q.backbone.state_dict().items()
+        }
+        return self._whole_backbone(state, next(iter(state.values())).device)
+
+    def _state(self) -> dict:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
+        dcp.save(self._state(), checkpoint_id=f"{save_dir}/{tag}")
+
+    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int) -> None:
+        state = self._state()  # the shapes and shardings to load into; DCP re-cuts the saved shards
+        dcp.load(state, checkpoint_id=f"{load_dir}/{tag}")
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
