@@ -169,7 +169,7 @@ def _interrupt(run_dir: Path, zero: int, sig: signal.Signals, after_step: int) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "zero"), [(signal.SIGTERM, 0), (signal.SIGKILL, 2)])
+@pytest.mark.parametrize(("sig", "zero"), [(signal.SIGTERM, 0), (signal.SIGKILL, 2), (signal.SIGTERM, 3)])
 def test_interrupted_run_resumes_bitwise(tmp_path: Path, sig: signal.Signals, zero: int) -> None:
     """Interrupted mid-epoch (the demo's epoch is 23 steps) and resumed with resume=auto, the run ends
     bitwise equal to the same run left alone: parameters, key encoder, queue, BN buffers, optimizer."""
@@ -298,3 +298,84 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path: Pa
     assert (root / checkpoint.LATEST).read_text() == "step_00000005"
     out = _finish(_launch(run_dir, 0, "--checkpoint.resume=auto"))
     assert "done: 10 steps" in out and not partial.exists()
+
+
+def _fsdp_restore_and_compare(rank: int, world: int, ckpt: str, config: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    from torch.distributed.tensor import DTensor
+
+    from moco_scale.config import load_config
+    from moco_scale.dist.comm import init_distributed
+    from moco_scale.weights import read_module
+
+    def whole(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    launcher = _load_launcher()
+    cfg = load_config(config, {"engine.precision": "fp32", "engine.backend": "fsdp"})
+    model, engine = launcher.build_engine(cfg, init_distributed("cpu"), peak_lr=0.1)
+    fresh_queue = model.queue.keys.clone()
+    step, _, saved_world = checkpoint.load(engine, Path(ckpt))
+    assert (step, saved_world) == (4, 2)
+    saved_module = read_module(Path(ckpt))  # the saved shards put together, read without a process group
+    model_state, optimizer_state = get_state_dict(model, engine.optimizer)
+    assert model_state.keys() == saved_module.keys()
+    for name, value in saved_module.items():  # queue, key encoder, BN statistics included
+        assert torch.equal(whole(model_state[name]), value), name
+    assert not torch.equal(model.queue.keys, fresh_queue)  # restored, not re-initialised
+    saved_optimizer = _load_state_dict_from_keys({"optimizer"}, checkpoint_id=ckpt)["optimizer"]["state"]
+    assert optimizer_state["state"].keys() == saved_optimizer.keys() and saved_optimizer
+    for name, state in saved_optimizer.items():
+        assert torch.equal(whole(optimizer_state["state"][name]["momentum_buffer"]), state["momentum_buffer"]), name
+
+
+def _load_launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    return launcher
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_is_recut_for_another_world_size(tmp_path: Path) -> None:
+    """FSDP2 under torchrun: a checkpoint of 2 ranks (torch.distributed.checkpoint) resumes on 1 and on 3
+    ranks with the same module (key encoder, queue, BN buffers) and SGD momentum, and training goes on."""
+    run_dir = tmp_path / "run"
+    common = [
+        "launchers/pretrain.py",
+        "--config",
+        "configs/demo.yaml",
+        "--engine.precision=fp32",
+        "--engine.backend=fsdp",
+        "--train.log_every=1",
+        "--train.progress=false",
+        "--eval.every_steps=0",
+        f"--train.run_dir={run_dir}",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    first = subprocess.run(
+        [*torchrun, str(free_port()), *common, "--train.max_steps=4", "--checkpoint.every_steps=4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = checkpoint.checkpoint_root(run_dir) / "step_00000004"
+    assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
+    from dist_utils import run_ranks
+
+    for world in (1, 3):
+        run_ranks(_fsdp_restore_and_compare, world, str(ckpt), str(ROOT / "configs" / "demo.yaml"))
+    resumed = subprocess.run(
+        [sys.executable, *common, "--train.max_steps=6", "--checkpoint.resume=auto"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "done: 6 steps" in resumed.stdout

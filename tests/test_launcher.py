@@ -98,14 +98,14 @@ def _check_outputs(run_dir: Path, steps: int, stdout: str) -> list[dict]:
 @pytest.mark.slow
 def test_deepspeed_two_ranks_demo_learns(tmp_path: Path) -> None:
     """The issue's acceptance run: 60 steps on 2 CPU ranks; once the queue is full, the loss falls."""
-    run_dir = tmp_path / "run"
+    run_dir, port = tmp_path / "run", free_port()
     result = _run(
         [
             shutil.which("deepspeed") or "deepspeed",
             "--num_gpus",
             "2",
             "--master_port",
-            str(free_port()),
+            str(port),
             str(LAUNCHER),
             "--config",
             str(DEMO),
@@ -120,6 +120,7 @@ def test_deepspeed_two_ranks_demo_learns(tmp_path: Path) -> None:
     knn = {r["step"]: r["knn_top1"] for r in _metrics(run_dir) if "knn_top1" in r}
     assert sorted(knn) == [0, 50, 60] and all(0 < v <= 100 for v in knn.values())  # random init, every 50, end
     assert "warning:" not in result.stderr  # a healthy run: no collapse, K well below the data
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's workspace went
     losses = [r["loss"] for r in records]
     first_half_peak = max(losses[: len(losses) // 2])
     last = sum(losses[-3:]) / 3

@@ -10,6 +10,7 @@ which breaks BatchNorm.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,22 @@ def reshard_zero_optimizer(zero_optimizer: Any, path: Path, saved_world_size: in
     zero_optimizer._lazy_init_hp_params_optimizer_state()  # DeepSpeed's per-parameter views of the state
 
 
+def _unlink_cpu_comm_workspace() -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MB workspace per rank from /dev/shm and never removes it,
+    so every job would leave its files behind. Once every rank has mapped every other's (they all have
+    after ``deepspeed.initialize``: the barrier makes sure), the names can go; the mappings stay."""
+    torch.distributed.barrier()
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+        ]
+    )
+    Path(f"/dev/shm/{name}_{torch.distributed.get_rank()}").unlink(missing_ok=True)
+
+
 class DeepSpeedEngine(TrainEngine):
     """Wraps :class:`MoCo` in ``deepspeed.initialize``; only the query side has trainable parameters.
 
@@ -112,6 +129,8 @@ class DeepSpeedEngine(TrainEngine):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=make_optimizer(model), config=self.config
         )
+        if next(model.parameters()).device.type == "cpu":
+            _unlink_cpu_comm_workspace()
         self.sharded_parameters = zero_stage == 3
         self.reshardable = not self.sharded_parameters
         self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
