@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -352,18 +353,26 @@ def test_fsdp_checkpoint_is_recut_for_another_world_size(tmp_path: Path) -> None
         "--engine.backend=fsdp",
         "--train.log_every=1",
         "--train.progress=false",
-        "--eval.every_steps=0",
         f"--train.run_dir={run_dir}",
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     first = subprocess.run(
-        [*torchrun, str(free_port()), *common, "--train.max_steps=4", "--checkpoint.every_steps=4"],
+        [
+            *torchrun,
+            str(free_port()),
+            *common,
+            "--train.max_steps=4",
+            "--checkpoint.every_steps=4",
+            "--eval.every_steps=4",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert first.returncode == 0, first.stderr[-3000:]
+    knn = [json.loads(line).get("knn_top1") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert knn[0] > 0 and knn[-1] > 0  # the kNN monitor evaluates a gathered copy of the sharded backbone
     ckpt = checkpoint.checkpoint_root(run_dir) / "step_00000004"
     assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
     from dist_utils import run_ranks
@@ -371,7 +380,7 @@ def test_fsdp_checkpoint_is_recut_for_another_world_size(tmp_path: Path) -> None
     for world in (1, 3):
         run_ranks(_fsdp_restore_and_compare, world, str(ckpt), str(ROOT / "configs" / "demo.yaml"))
     resumed = subprocess.run(
-        [sys.executable, *common, "--train.max_steps=6", "--checkpoint.resume=auto"],
+        [sys.executable, *common, "--train.max_steps=6", "--checkpoint.resume=auto", "--eval.every_steps=0"],
         cwd=ROOT,
         capture_output=True,
         text=True,

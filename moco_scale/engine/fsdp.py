@@ -12,6 +12,7 @@ fp32. (fp16, which needs a loss scaler agreed across shards, is left to the Deep
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -65,6 +66,9 @@ class FSDPEngine(TrainEngine):
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"the FSDP backend runs fp32 or bf16, not {precision!r}")
         device = next(model.parameters()).device
+        # Single-process shuffle-BN (SplitBatchNorm) hands blocks a view; no block writes in place to
+        # its input, so FSDP's warning about in-place ops on returned views does not apply.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         self.model = model
         shard_moco(model, init_device_mesh(device.type, (torch.distributed.get_world_size(),)))
         model.use_local_shards(_local_shard)
