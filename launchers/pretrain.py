@@ -103,6 +103,7 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
         cuda_graph_ema=cfg.engine.cuda_graph_ema,
         shuffle_seed=cfg.train.seed,
         shard_queue=cfg.moco.shard_queue,
+        key_channels_last=cfg.model.channels_last,
     )
     memory_format = torch.channels_last if uses_channels_last(cfg, ctx) else torch.contiguous_format
     model.to(ctx.device, memory_format=memory_format)

@@ -38,7 +38,7 @@ class ModelConfig:
     arch: str = "resnet50"
     width: int = 1  # SimCLR-style width multiplier: resnet50 with width=2 is R50x2
     small_stem: bool = False  # 3x3 conv stem without max-pool, for 32-96 px images
-    channels_last: bool = True  # applied on GPU only
+    channels_last: bool = True  # GPU: model and views; CPU: the key encoder's input only (faster there)
 
 
 @dataclass

@@ -74,6 +74,8 @@ class MoCo(nn.Module):
         world_size: number of ranks; picks the shuffle-BN flavour.
         key_bn_buffers, cuda_graph_ema: see :class:`MomentumUpdater`.
         shuffle_seed: seed of the shared key permutation.
+        key_channels_last: feed the key encoder channels-last images (its no-grad forward is ~1.2x
+            faster so on the CPU, where the query's forward + backward is not).
     """
 
     def __init__(
@@ -91,12 +93,14 @@ class MoCo(nn.Module):
         cuda_graph_ema: bool = True,
         shuffle_seed: int = 0,
         shard_queue: bool = False,
+        key_channels_last: bool = False,
     ):
         super().__init__()
         self.version = version
         self.temperature = temperature
         self.shuffle_keys = key_bn == "shuffle"
         self.shuffle_seed = shuffle_seed
+        self.key_channels_last = key_channels_last
         feature_dim = backbone.feature_dim
         self.encoder_q = nn.Sequential()
         self.encoder_q.add_module("backbone", backbone)
@@ -137,10 +141,13 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _key(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if not self.shuffle_keys:
-            return F.normalize(self.encoder_k(x), dim=1)
+            return F.normalize(self._encode_key(x), dim=1)
         plan = shuffle_bn.plan_for_step(self.shuffle_seed, step, x.shape[0], x.device)
-        k = self.encoder_k(shuffle_bn.shuffle(x, plan))
+        k = self._encode_key(shuffle_bn.shuffle(x, plan))
         return F.normalize(shuffle_bn.unshuffle(k, plan), dim=1)
+
+    def _encode_key(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder_k(x.contiguous(memory_format=torch.channels_last) if self.key_channels_last else x)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float | None, step: int) -> MocoOutput:
         """The loss of one step. ``momentum`` is None when the caller has already moved the key

@@ -129,3 +129,19 @@ def _check_v2_two_ranks(rank: int, world: int) -> None:
 
 def test_two_rank_forward_keeps_queues_identical() -> None:
     run_ranks(_check_v2_two_ranks, 2)
+
+
+@pytest.mark.parametrize("key_bn", ["none", "shuffle"])
+def test_channels_last_key_input_changes_layout_not_result(key_bn: str) -> None:
+    plain, fast = _model("v2", key_bn), _model("v2", key_bn, key_channels_last=True)
+    seen = []
+    fast.encoder_k.backbone.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    view1, view2 = _views()
+    expected, got = plain(view1, view2, momentum=0.9, step=0), fast(view1, view2, momentum=0.9, step=0)
+    assert (
+        seen
+        and seen[0].is_contiguous(memory_format=torch.channels_last)
+        and not view2.is_contiguous(memory_format=torch.channels_last)
+    )
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.queue.keys, plain.queue.keys, rtol=1e-4, atol=1e-5)
