@@ -155,14 +155,23 @@ def _rank(rank: int, port: int, arch: str, backend: str, args: argparse.Namespac
         torch.save(
             {"init": worst[0].item(), "train": worst[1].item(), "params": worst[2].item(), "step_s": step_s}, out
         )
+    dist.barrier()  # leave together
     dist.destroy_process_group()
 
 
-def measure(arch: str, backend: str, args: argparse.Namespace) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/result.pt"
-        mp.spawn(_rank, args=(free_port(), arch, backend, args, out), nprocs=WORLD, join=True)
-        return torch.load(out)
+def measure(arch: str, backend: str, args: argparse.Namespace, attempts: int = 2) -> dict[str, float]:
+    """One fresh pair of ranks; a pair that dies (seen rarely: a native abort at exit) is run again."""
+    for attempt in range(1, attempts + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = f"{tmp}/result.pt"
+            try:
+                mp.spawn(_rank, args=(free_port(), arch, backend, args, out), nprocs=WORLD, join=True)
+                return {**torch.load(out), "attempts": attempt}
+            except mp.ProcessExitedException as err:
+                print(f"{arch} {backend}: attempt {attempt} failed ({err})", file=sys.stderr, flush=True)
+                if attempt == attempts:
+                    raise
+    raise ValueError("attempts must be >= 1")
 
 
 def query_params(arch: str) -> int:

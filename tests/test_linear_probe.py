@@ -126,13 +126,15 @@ def test_two_ranks_average_gradients_like_one_process_on_the_whole_batch() -> No
 
 
 def _fake_run(tmp_path: Path, backbone: dict[str, torch.Tensor]) -> Path:
-    """A run directory laid out like a moco_scale checkpoint: latest -> step folder -> DeepSpeed model file."""
+    """A run directory laid out like a moco_scale checkpoint: latest -> step folder -> DeepSpeed model file
+    and rank 0's file (with the config)."""
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
     ckpt.mkdir(parents=True)
     module = {f"encoder_q.backbone.{k}": v for k, v in backbone.items()}
     module["encoder_q.head.0.weight"] = torch.zeros(3, 3)
     config = {"model": {"arch": "resnet18", "width": 1, "small_stem": True}, "data": {"image_size": 32}}
-    torch.save({"module": module, "config": config}, ckpt / "mp_rank_00_model_states.pt")
+    torch.save({"module": module}, ckpt / "mp_rank_00_model_states.pt")
+    torch.save({"step": 2, "world_size": 1, "config": config}, ckpt / "rank_00000.pt")
     (ckpt.parent / "latest").write_text(ckpt.name)
     return tmp_path / "run"
 
