@@ -105,8 +105,9 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
         shard_queue=cfg.moco.shard_queue,
         key_channels_last=cfg.model.channels_last,
     )
-    memory_format = torch.channels_last if uses_channels_last(cfg, ctx) else torch.contiguous_format
-    model.to(ctx.device, memory_format=memory_format)
+    # FSDP2 shards contiguous parameters only; convolutions still take channels-last views as they come.
+    channels_last = uses_channels_last(cfg, ctx) and cfg.engine.backend != "fsdp"
+    model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         o = cfg.optim

@@ -1,4 +1,4 @@
-"""Sharded checkpoints through DeepSpeed, with everything MoCo needs to continue bitwise.
+"""Sharded checkpoints through the engine (DeepSpeed or FSDP2), with everything MoCo needs to continue bitwise.
 
 Layout under ``<run_dir>/checkpoints/``::
 
@@ -178,7 +178,15 @@ def read_meta(path: Path) -> dict[str, Any]:
     file = _rank_file(path, 0)
     if not file.is_file():
         raise CheckpointError(f"{path}: no {file.name}; not a moco_scale checkpoint or an incomplete one")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        meta = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception:
+        raise CheckpointError(f"{file} is truncated or unreadable") from None
+    model_file = path / "mp_rank_00_model_states.pt"
+    if "config" not in meta and model_file.is_file():  # written before the rank files carried it
+        states = torch.load(model_file, map_location="cpu", weights_only=False, mmap=True)
+        meta |= {key: states[key] for key in ("config", "epoch") if key in states}
+    return meta
 
 
 def check_world_size(path: Path, world_size: int) -> None:

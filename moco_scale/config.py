@@ -279,6 +279,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
     if cfg.engine.backend == "fsdp" and cfg.engine.zero_stage:
         raise ConfigError("engine.zero_stage is for engine.backend=deepspeed; fsdp always shards (leave it 0)")
+    if o.name == "lars" and cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage:
+        raise ConfigError(
+            "optim.name=lars needs whole parameters for its per-layer trust ratio; DeepSpeed ZeRO >= 1 hands "
+            "the optimizer flat partitions: use engine.zero_stage=0 or engine.backend=fsdp"
+        )
     if cfg.engine.backend == "fsdp" and cfg.engine.precision == "fp16":
         raise ConfigError("engine.backend=fsdp runs fp32 or bf16; fp16 (loss scaling) needs engine.backend=deepspeed")
     if m.version != "v3" and m.queue_size <= 0:

@@ -120,17 +120,19 @@ class MoCo(nn.Module):
         self._local_shard: LocalShard | None = None
 
     def use_local_shards(self, local_shard: LocalShard) -> None:
-        """Set by a sharding backend: the momentum update then runs on each parameter's local shard."""
+        """Set by a sharding backend: the momentum update then runs on each parameter's local shard,
+        and the backend calls ``momentum_update(m, buffers=False)`` before its forward starts
+        gathering parameters (ZeRO-3 prefetches the key encoder's); the forward moves the buffers."""
         self._local_shard, self._updater = local_shard, None
 
     @profiling.timed("ema")
-    def momentum_update(self, momentum: float) -> None:
+    def momentum_update(self, momentum: float, parameters: bool = True, buffers: bool = True) -> None:
         """key encoder <- momentum * key encoder + (1 - momentum) * query encoder."""
         if self._updater is None:  # built on first use: moving the module replaces its buffers
             self._updater = MomentumUpdater(
                 self.encoder_q, self.encoder_k, self.key_bn_buffers, self.cuda_graph_ema, self._local_shard
             )
-        self._updater(momentum)
+        self._updater(momentum, parameters, buffers)
 
     @profiling.timed("query_fwd_bwd")
     def _query(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,14 +151,11 @@ class MoCo(nn.Module):
     def _encode_key(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder_k(x.contiguous(memory_format=torch.channels_last) if self.key_channels_last else x)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float | None, step: int) -> MocoOutput:
-        """The loss of one step. ``momentum`` is None when the caller has already moved the key
-        encoder (a sharding backend must, before its forward starts gathering parameters)."""
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
         if self.version == "v3":
             return self._forward_v3(view1, view2, momentum, step)
         q = F.normalize(self._query(view1), dim=1)
-        if momentum is not None:
-            self.momentum_update(momentum)
+        self.momentum_update(momentum, parameters=self._local_shard is None)
         k = self._key(view2, step)
         with profiling.stage("queue_loss"), torch.autocast(q.device.type, enabled=False):
             q, k = q.float(), k.float()
@@ -182,10 +181,9 @@ class MoCo(nn.Module):
             loss, accuracy = info_nce(logits, labels)
         return loss * 2 * self.temperature, accuracy
 
-    def _forward_v3(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float | None, step: int) -> MocoOutput:
+    def _forward_v3(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
         q1, q2 = self._query(view1), self._query(view2)
-        if momentum is not None:
-            self.momentum_update(momentum)
+        self.momentum_update(momentum, parameters=self._local_shard is None)
         k1, k2 = self._key(view1, step), self._key(view2, step)
         loss_12, acc_12 = self._contrast(q1, k2)
         loss_21, acc_21 = self._contrast(q2, k1)

@@ -92,11 +92,11 @@ def build_optimizer(
     """SGD (MoCo v1/v2), LARS (v3) or AdamW, with torch's fused/foreach kernels where they apply."""
     if name == "sgd":
         groups = parameter_groups(model, weight_decay, exclude_1d=False)
-        if ApexFusedSGD is not None and device_type == "cuda":
-            return ApexFusedSGD(groups, lr=lr, momentum=momentum)
-        # torch's fused SGD, on the CPU too: one pass per tensor, 2-4x faster there than foreach or the loop;
-        # FSDP's sharded parameters (DTensors) have no fused kernel: foreach there.
+        # FSDP's sharded parameters (DTensors) have no fused kernel, apex's or torch's: foreach there.
         sharded = any(isinstance(p, DTensor) for group in groups for p in group["params"])
+        if ApexFusedSGD is not None and device_type == "cuda" and not sharded:
+            return ApexFusedSGD(groups, lr=lr, momentum=momentum)
+        # torch's fused SGD, on the CPU too: one pass per tensor, 2-4x faster there than foreach or the loop.
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=not sharded or None)
     if name == "lars":
         return LARS(

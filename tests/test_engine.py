@@ -27,7 +27,9 @@ def _whole_state(model: MoCo, backend: str) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if isinstance(v, DTensor) else v.clone() for k, v in model.state_dict().items()}
 
 
-def _train(rank: int, world: int, precision: str, backend: str, out: str) -> None:
+def _train(rank: int, world: int, precision: str, backend: str, variant: str, out: str) -> None:
+    """``variant`` "clip+copy": gradients clipped to norm 1 and the query's BN statistics copied to the key
+    encoder (which the sharded backends move after their early parameter update)."""
     torch.manual_seed(0)
     model = MoCo(
         build_resnet("resnet18"),
@@ -37,7 +39,9 @@ def _train(rank: int, world: int, precision: str, backend: str, out: str) -> Non
         key_bn="shuffle",
         world_size=world,
         cuda_graph_ema=False,
+        key_bn_buffers="copy" if variant else "own",
     ).train()
+    grad_clip = 1.0 if variant else 0.0
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(module, "sgd", lr=0.1)
@@ -46,10 +50,10 @@ def _train(rank: int, world: int, precision: str, backend: str, out: str) -> Non
         return build_resnet("resnet18")
 
     if backend == "fsdp":
-        engine = FSDPEngine(model, make_optimizer, precision, backbone_factory=backbone)
+        engine = FSDPEngine(model, make_optimizer, precision, grad_clip, backbone_factory=backbone)
     else:
         stage = int(backend.removeprefix("zero"))
-        engine = DeepSpeedEngine(model, make_optimizer, precision, stage, 8, world, backbone_factory=backbone)
+        engine = DeepSpeedEngine(model, make_optimizer, precision, stage, 8, world, grad_clip, backbone)
     g = torch.Generator().manual_seed(rank)
     losses = []
     for step in range(3):
@@ -80,44 +84,58 @@ def _train(rank: int, world: int, precision: str, backend: str, out: str) -> Non
 
 
 RUNS = [
-    ("fp32", "zero0"),
-    ("fp32", "zero1"),
-    ("fp32", "zero2"),
-    ("fp32", "zero3"),
-    ("fp32", "fsdp"),
-    ("bf16", "zero2"),
-    ("bf16", "fsdp"),
-    ("fp16", "zero0"),
+    ("fp32", "zero0", ""),
+    ("fp32", "zero1", ""),
+    ("fp32", "zero2", ""),
+    ("fp32", "zero3", ""),
+    ("fp32", "fsdp", ""),
+    ("fp32", "zero0", "clip+copy"),
+    ("fp32", "zero1", "clip+copy"),
+    ("fp32", "zero3", "clip+copy"),
+    ("fp32", "fsdp", "clip+copy"),
+    ("bf16", "zero2", ""),
+    ("bf16", "fsdp", ""),
+    ("fp16", "zero0", ""),
 ]
 
 
 def _train_all(rank: int, world: int, out_dir: str) -> None:
-    for precision, backend in RUNS:
-        _train(rank, world, precision, backend, f"{out_dir}/{precision}-{backend}.pt")
+    for precision, backend, variant in RUNS:
+        _train(rank, world, precision, backend, variant, f"{out_dir}/{precision}-{backend}-{variant}.pt")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, str], dict]:
     out_dir = tmp_path_factory.mktemp("engine")
     run_ranks(_train_all, 2, str(out_dir))  # one pair of processes for every run: start-up dominates
-    return {(p, b): torch.load(out_dir / f"{p}-{b}.pt") for p, b in RUNS}
+    return {(p, b, v): torch.load(out_dir / f"{p}-{b}-{v}.pt") for p, b, v in RUNS}
 
 
-@pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3", "fsdp"])
-def test_backends_agree(runs: dict, backend: str) -> None:
-    """After 3 steps every backend holds the same module as unsharded ZeRO-0: query side, queue, and the
-    key encoder, whose momentum update ran on the local shards under ZeRO-3 and FSDP."""
-    reference = runs["fp32", "zero0"]
+AGREEING = [("zero1", ""), ("zero2", ""), ("zero3", ""), ("fsdp", "")]
+AGREEING += [("zero1", "clip+copy"), ("zero3", "clip+copy"), ("fsdp", "clip+copy")]
+
+
+@pytest.mark.parametrize(("backend", "variant"), AGREEING)
+def test_backends_agree(runs: dict, backend: str, variant: str) -> None:
+    """After 3 steps every backend holds the same module as ZeRO-0 (unsharded; gradients averaged by our
+    overlapped buckets): query side, queue, and the key encoder, whose momentum update ran on the local
+    shards under ZeRO-3 and FSDP, with gradient clipping and copied BN statistics too."""
+    reference, ours = runs["fp32", "zero0", variant], runs["fp32", backend, variant]
     for name, ref in reference["state"].items():
-        torch.testing.assert_close(runs["fp32", backend]["state"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
-    torch.testing.assert_close(runs["fp32", backend]["features"], reference["features"], rtol=1e-4, atol=1e-5)
-    state = reference["state"]
+        torch.testing.assert_close(ours["state"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(ours["features"], reference["features"], rtol=1e-4, atol=1e-5)
+    state = ours["state"]
     assert not torch.equal(state["encoder_q.backbone.conv1.weight"], state["encoder_k.backbone.conv1.weight"])
 
 
-@pytest.mark.parametrize("run", [("bf16", "zero2"), ("bf16", "fsdp"), ("fp16", "zero0")])
-def test_low_precision_trains_with_batchnorm(runs: dict, run: tuple[str, str]) -> None:
-    low, ref = runs[run], runs["fp32", run[1]]
+def test_clipping_changed_the_run(runs: dict) -> None:
+    clipped, plain = runs["fp32", "zero0", "clip+copy"]["state"], runs["fp32", "zero0", ""]["state"]
+    assert not torch.allclose(clipped["encoder_q.backbone.conv1.weight"], plain["encoder_q.backbone.conv1.weight"])
+
+
+@pytest.mark.parametrize("run", [("bf16", "zero2", ""), ("bf16", "fsdp", ""), ("fp16", "zero0", "")])
+def test_low_precision_trains_with_batchnorm(runs: dict, run: tuple[str, str, str]) -> None:
+    low, ref = runs[run], runs["fp32", run[1], ""]
     # Autocast changes the arithmetic, not the algorithm: the first loss agrees to low-precision accuracy.
     assert abs(low["losses"][0] - ref["losses"][0]) < 0.05 * abs(ref["losses"][0])
     assert low["losses"] != ref["losses"]  # it really ran in another precision

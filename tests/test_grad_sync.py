@@ -15,30 +15,32 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10), nn.Linear(10, 4))
 
 
-def _averages_like_a_plain_all_reduce(rank: int, world: int, bucket_mb: float) -> None:
+def _averages_like_a_plain_all_reduce(rank: int, world: int, bucket_mb: float, layers: int) -> None:
     ours, reference = _model(), _model()
-    unused = ours[4]  # its gradient never comes on this step: reduced (as zeros) at wait()
     averager = OverlappedGradientAverager(list(ours.parameters()), bucket_mb=bucket_mb)
     assert (len(averager.buckets) > 2) == (bucket_mb < 0.001)
     for step in range(2):
         x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(10 * rank + step))
         ours.zero_grad(set_to_none=True)
         reference.zero_grad(set_to_none=True)
-        ours[:4](x).square().mean().backward()  # skips the last layer
+        ours[:layers](x).square().mean().backward()
+        if layers == len(ours):  # every bucket filled during backward, so each reduction was launched there
+            assert len(averager.handles) == len(averager.buckets)
         averager.wait()
-        reference[:4](x).square().mean().backward()
+        reference[:layers](x).square().mean().backward()
         for name, p in reference.named_parameters():
             expected = torch.zeros_like(p) if p.grad is None else p.grad.clone()
             dist.all_reduce(expected)
             expected /= world
             got = dict(ours.named_parameters())[name].grad
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=f"step {step} {name}")
-    assert all(p.grad is not None and not p.grad.any() for p in unused.parameters())
+    unused = list(ours[layers:].parameters())  # their gradients never came: reduced (as zeros) at wait()
+    assert all(p.grad is not None and not p.grad.any() for p in unused)
 
 
 def test_overlapped_average_equals_plain_all_reduce() -> None:
-    run_ranks(_averages_like_a_plain_all_reduce, 2, 25.0)  # one bucket
+    run_ranks(_averages_like_a_plain_all_reduce, 2, 25.0, 5)  # one bucket
 
 
-def test_many_buckets() -> None:
-    run_ranks(_averages_like_a_plain_all_reduce, 2, 0.0005)  # ~500 bytes: a bucket per parameter or two
+def test_many_buckets_and_a_layer_left_out() -> None:
+    run_ranks(_averages_like_a_plain_all_reduce, 2, 0.0005, 4)  # ~500 bytes: a bucket per parameter or two

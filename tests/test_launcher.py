@@ -48,6 +48,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[dict, str]]:
         ({"engine.zero_stage": 4}, "engine.zero_stage must be 0, 1, 2 or 3, got 4"),
         ({"engine.backend": "fsdp", "engine.precision": "fp16"}, "engine.backend=fsdp runs fp32 or bf16"),
         ({"engine.backend": "fsdp", "engine.zero_stage": 2}, "engine.zero_stage is for engine.backend=deepspeed"),
+        ({"optim.name": "lars", "engine.zero_stage": 1}, "optim.name=lars needs whole parameters"),
     ]
 
 
@@ -129,7 +130,8 @@ def test_deepspeed_two_ranks_demo_learns(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_v3_sync_bn_zero2(tmp_path: Path) -> None:
+def test_torchrun_two_ranks_v3_sync_bn_lars_fsdp(tmp_path: Path) -> None:
+    """MoCo v3 under FSDP2 (LARS sees whole, if sharded, parameters there; ZeRO >= 1 would flatten them)."""
     run_dir = tmp_path / "run"
     result = _run(
         [
@@ -146,7 +148,7 @@ def test_torchrun_two_ranks_v3_sync_bn_zero2(tmp_path: Path) -> None:
             "--data.augmentation=v3",
             "--optim.name=lars",
             "--moco.momentum_schedule=cosine",
-            "--engine.zero_stage=2",
+            "--engine.backend=fsdp",
             "--train.max_steps=4",
             "--train.log_every=2",
             f"--train.run_dir={run_dir}",

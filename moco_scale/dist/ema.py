@@ -48,14 +48,10 @@ class MomentumUpdater:
             raise ValueError("online and target parameters must be sharded alike")
         online_buffers, target_buffers = dict(online.named_buffers()), dict(target.named_buffers())
         names = list(online_buffers) if buffer_policy != "own" else []
-        floating = [n for n in names if online_buffers[n].is_floating_point()]
-        counters = [n for n in names if not online_buffers[n].is_floating_point()]
-        if buffer_policy == "ema":
-            self.online += [online_buffers[n] for n in floating]
-            self.target += [target_buffers[n] for n in floating]
-            copied = counters
-        else:
-            copied = floating + counters
+        averaged = [n for n in names if buffer_policy == "ema" and online_buffers[n].is_floating_point()]
+        copied = [n for n in names if n not in averaged]
+        self.buffers_online = [online_buffers[n] for n in averaged]
+        self.buffers_target = [target_buffers[n] for n in averaged]
         self.copy_src = [online_buffers[n] for n in copied]
         self.copy_dst = [target_buffers[n] for n in copied]
         device = self.target[0].device if self.target else torch.device("cpu")
@@ -64,7 +60,7 @@ class MomentumUpdater:
         self._graph: torch.cuda.CUDAGraph | None = None
 
     @torch.no_grad()
-    def _update(self, weight: torch.Tensor | float) -> None:
+    def _update_parameters(self, weight: torch.Tensor | float) -> None:
         if isinstance(weight, torch.Tensor):
             # Tensor-scalar overloads never sync with the host, so they can be graph-captured.
             delta = torch._foreach_sub(self.online, self.target)
@@ -72,15 +68,21 @@ class MomentumUpdater:
             torch._foreach_add_(self.target, delta)
         else:
             torch._foreach_lerp_(self.target, self.online, weight)
-        if self.copy_dst:
-            torch._foreach_copy_(self.copy_dst, self.copy_src)
 
     @torch.no_grad()
-    def __call__(self, momentum: float) -> None:
+    def __call__(self, momentum: float, parameters: bool = True, buffers: bool = True) -> None:
+        """Move the parameters and the BN buffers (per the policy); a sharding backend moves the
+        parameters before its forward and the buffers, never sharded, where the papers do."""
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if buffers and self.buffers_target:
+            torch._foreach_lerp_(self.buffers_target, self.buffers_online, 1.0 - momentum)
+        if buffers and self.copy_dst:
+            torch._foreach_copy_(self.copy_dst, self.copy_src)
+        if not parameters:
+            return
         if not self.use_graph:
-            self._update(1.0 - momentum)
+            self._update_parameters(1.0 - momentum)
             return
         self._weight.fill_(1.0 - momentum)
         if self._graph is None:
@@ -88,10 +90,10 @@ class MomentumUpdater:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._update(self._weight)
+                self._update_parameters(self._weight)
             torch.cuda.current_stream().wait_stream(side)
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
-                self._update(self._weight)
+                self._update_parameters(self._weight)
             return
         self._graph.replay()

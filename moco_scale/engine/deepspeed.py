@@ -148,9 +148,10 @@ class DeepSpeedEngine(TrainEngine):
         if next(model.parameters()).device.type == "cpu":
             _unlink_cpu_comm_workspace()
         self._gradients: OverlappedGradientAverager | None = None
-        if zero_stage == 0 and world_size > 1:  # DeepSpeed would reduce after backward, flattening every step
+        if zero_stage == 0:  # DeepSpeed would reduce after backward, flattening every gradient each step
             self.engine.enable_backward_allreduce = False
-            self._gradients = OverlappedGradientAverager([p for p in model.parameters() if p.requires_grad])
+            if world_size > 1:
+                self._gradients = OverlappedGradientAverager([p for p in model.parameters() if p.requires_grad])
         self.sharded_parameters = zero_stage == 3
         self.reshardable = not self.sharded_parameters
         self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
@@ -163,9 +164,9 @@ class DeepSpeedEngine(TrainEngine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.sharded_parameters:  # before ZeRO-3 prefetches the key encoder's old parameters
-            self.model.momentum_update(momentum)
-        out: MocoOutput = self.engine(view1, view2, momentum=None if self.sharded_parameters else momentum, step=step)
-        # DeepSpeed reduces the gradients inside backward, after autograd, in allreduce_gradients.
+            self.model.momentum_update(momentum, buffers=False)
+        out: MocoOutput = self.engine(view1, view2, momentum=momentum, step=step)
+        # ZeRO 1-3: DeepSpeed reduces the gradients inside backward (timed as comm); ZeRO-0: our averager.
         with profiling.stage("query_fwd_bwd"), profiling.timed_calls(self.engine, "allreduce_gradients", "comm"):
             self.engine.backward(out.loss)
         if self._gradients is not None:  # what is left of the reductions that overlapped the backward

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -82,9 +83,9 @@ class FSDPEngine(TrainEngine):
     ) -> MocoOutput:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.momentum_update(momentum)  # on the shards, before the forward gathers them
+        self.model.momentum_update(momentum, buffers=False)  # on the shards, before the forward gathers them
         with torch.autocast(view1.device.type, self.autocast_dtype or torch.bfloat16, self.autocast_dtype is not None):
-            out: MocoOutput = self.model(view1, view2, momentum=None, step=step)
+            out: MocoOutput = self.model(view1, view2, momentum=momentum, step=step)
         with profiling.stage("query_fwd_bwd"):  # FSDP reduce-scatters the gradients inside backward
             out.loss.backward()
         with profiling.stage("optimizer"):
@@ -108,7 +109,9 @@ class FSDPEngine(TrainEngine):
         return {"model": model_state, "optimizer": optimizer_state}
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
-        dcp.save(self._state(), checkpoint_id=f"{save_dir}/{tag}")
+        # Replicated tensors (BN statistics, which differ per rank; the queue) are saved from rank 0.
+        planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+        dcp.save(self._state(), checkpoint_id=f"{save_dir}/{tag}", planner=planner)
 
     def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int) -> None:
         state = self._state()  # the shapes and shardings to load into; DCP re-cuts the saved shards
