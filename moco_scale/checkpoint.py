@@ -220,6 +220,25 @@ def check_loadable(path: Path) -> None:
     missing = [file.name for file in expected if not file.is_file()]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}")
+    if (path / ".metadata").is_file():
+        _check_distcp_sizes(path)
+
+
+def _check_distcp_sizes(path: Path) -> None:
+    """Every byte range that torch.distributed.checkpoint's index names lies inside its file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception:
+        raise CheckpointError(f"{path / '.metadata'} is truncated or unreadable") from None
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file() or file.stat().st_size < size:
+            raise CheckpointError(f"{file} is truncated or missing")
 
 
 def load(engine, path: Path) -> tuple[int, dict, int]:

@@ -376,6 +376,12 @@ def test_fsdp_checkpoint_is_recut_for_another_world_size(tmp_path: Path) -> None
     assert sorted(knn) == [0, 4] and all(v > 0 for v in knn.values())  # evaluated on a gathered copy
     ckpt = checkpoint.checkpoint_root(run_dir) / "step_00000004"
     assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ckpt, damaged)
+    checkpoint.check_loadable(damaged)
+    os.truncate(damaged / "__1_0.distcp", (damaged / "__1_0.distcp").stat().st_size // 2)
+    with pytest.raises(checkpoint.CheckpointError, match="__1_0.distcp is truncated or missing$"):
+        checkpoint.check_loadable(damaged)
     from dist_utils import run_ranks
 
     for world in (1, 3):
