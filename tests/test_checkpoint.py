@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +20,20 @@ from moco_scale import checkpoint
 from moco_scale.dist.comm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_launcher():
+    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    return launcher
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """A launcher command from the repository root, its output captured; it must succeed."""
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def _fake_checkpoint(run_dir: Path, tag: str, world_size: int, zero: int = 0) -> Path:
@@ -213,17 +228,13 @@ def _saved_momentum(ckpt: Path, zero: int, params: list[torch.nn.Parameter]) -> 
 
 
 def _restore_and_compare(rank: int, world: int, ckpt: str, config: str, zero: int) -> None:
-    import importlib.util
-
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from moco_scale.config import load_config
     from moco_scale.data.loader import remap_state
     from moco_scale.dist.comm import init_distributed
 
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    launcher = _load_launcher()
     cfg = load_config(config, {"engine.precision": "fp32", "engine.zero_stage": zero})
     model, engine = launcher.build_engine(cfg, init_distributed("cpu"), peak_lr=0.1)
     fresh_queue = model.queue.keys.clone()
@@ -258,7 +269,7 @@ def test_world_size_change_restores_everything(tmp_path: Path, zero: int) -> Non
 
     for world in (1, 3):
         run_ranks(_restore_and_compare, world, str(ckpt), str(ROOT / "configs" / "demo.yaml"), zero)
-    resumed = subprocess.run(
+    resumed = _run(
         [
             sys.executable,
             "launchers/pretrain.py",
@@ -273,12 +284,7 @@ def test_world_size_change_restores_everything(tmp_path: Path, zero: int) -> Non
             "--checkpoint.resume=auto",
             f"--train.run_dir={run_dir}",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "done: 6 steps" in resumed.stdout
 
 
@@ -331,15 +337,6 @@ def _fsdp_restore_and_compare(rank: int, world: int, ckpt: str, config: str) -> 
         assert torch.equal(whole(optimizer_state["state"][name]["momentum_buffer"]), state["momentum_buffer"]), name
 
 
-def _load_launcher():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    return launcher
-
-
 @pytest.mark.slow
 def test_fsdp_checkpoint_is_recut_for_another_world_size(tmp_path: Path) -> None:
     """FSDP2 under torchrun: a checkpoint of 2 ranks (torch.distributed.checkpoint) resumes on 1 and on 3
@@ -356,21 +353,8 @@ def test_fsdp_checkpoint_is_recut_for_another_world_size(tmp_path: Path) -> None
         f"--train.run_dir={run_dir}",
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    first = subprocess.run(
-        [
-            *torchrun,
-            str(free_port()),
-            *common,
-            "--train.max_steps=4",
-            "--checkpoint.every_steps=4",
-            "--eval.every_steps=4",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+    first_run = [*torchrun, str(free_port()), *common, "--train.max_steps=4", "--checkpoint.every_steps=4"]
+    _run([*first_run, "--eval.every_steps=4"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     knn = {r["step"]: r["knn_top1"] for r in records if "knn_top1" in r}
     assert sorted(knn) == [0, 4] and all(v > 0 for v in knn.values())  # evaluated on a gathered copy
@@ -386,12 +370,5 @@ def test_fsdp_checkpoint_is_recut_for_another_world_size(tmp_path: Path) -> None
 
     for world in (1, 3):
         run_ranks(_fsdp_restore_and_compare, world, str(ckpt), str(ROOT / "configs" / "demo.yaml"))
-    resumed = subprocess.run(
-        [sys.executable, *common, "--train.max_steps=6", "--checkpoint.resume=auto", "--eval.every_steps=0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _run([sys.executable, *common, "--train.max_steps=6", "--checkpoint.resume=auto", "--eval.every_steps=0"])
     assert "done: 6 steps" in resumed.stdout
