@@ -97,7 +97,7 @@ def build_optimizer(
         if ApexFusedSGD is not None and device_type == "cuda" and not sharded:
             return ApexFusedSGD(groups, lr=lr, momentum=momentum)
         # torch's fused SGD, on the CPU too: one pass per tensor, 2-4x faster there than foreach or the loop.
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=not sharded or None)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=None if sharded else True)
     if name == "lars":
         return LARS(
             parameter_groups(model, weight_decay, exclude_1d=False),

@@ -47,8 +47,8 @@ class ShardedBackbone:
         self.factory = factory
         self.copy: nn.Module | None = None
 
-    def __call__(self, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    def __call__(self, state: dict[str, torch.Tensor]) -> nn.Module:
         if self.copy is None:
-            self.copy = self.factory().to(device)
+            self.copy = self.factory().to(next(iter(state.values())).device)
         self.copy.load_state_dict(state)
         return self.copy

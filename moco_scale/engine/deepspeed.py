@@ -190,7 +190,7 @@ class DeepSpeedEngine(TrainEngine):
         backbone = self.model.encoder_q.backbone
         with deepspeed.zero.GatheredParameters(list(backbone.parameters())):
             state = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
-        return self._whole_backbone(state, next(iter(state.values())).device)
+        return self._whole_backbone(state)
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         scaler = self._grad_scaler()

@@ -102,7 +102,7 @@ class FSDPEngine(TrainEngine):
             name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
             for name, tensor in self.model.encoder_q.backbone.state_dict().items()
         }
-        return self._whole_backbone(state, next(iter(state.values())).device)
+        return self._whole_backbone(state)
 
     def _state(self) -> dict:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
