@@ -25,7 +25,8 @@ def test_backend_resolution(monkeypatch: pytest.MonkeyPatch, demo_shards: dict[s
     assert loader.resolve_backend("auto", checked) == "dali"
     assert loader.resolve_backend("auto", unchecked) == "torch"  # DALI would stop on a corrupt image
     assert loader.resolve_backend("auto", checked + unchecked) == "torch"
-    assert loader.resolve_backend("dali", unchecked) == "dali"  # asked for explicitly
+    with pytest.raises(DataError, match="were not checked with DALI's decoder, which stops on a corrupt image"):
+        loader.resolve_backend("dali", unchecked)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

@@ -8,7 +8,9 @@ linear rotation and scaling of the chroma in YIQ space rather than exact HSV ope
 
 Every rank reads a disjoint ``1 / world_size`` of the samples each epoch; the order of the tar
 shards is redrawn each epoch from ``seed`` (the same on all ranks) and samples are shuffled in a
-buffer. Unlike the torch loader, a sample without a decodable image stops the pipeline with an error.
+buffer. DALI stops the whole pipeline on an image it cannot decode, so it streams only shards whose
+images were checked with its decoder (see :mod:`moco_scale.data.validate`): their index files leave
+out the samples that failed, which ``bad_samples`` counts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
+from moco_scale.data.shards import IMAGE_EXTENSIONS, excluded_samples
 
 if TYPE_CHECKING:
     from nvidia.dali.data_node import DataNode
@@ -130,7 +133,7 @@ def build_two_view_pipeline(
         jpeg, cls = fn.readers.webdataset(
             paths=shards,
             index_paths=index_paths(shards),
-            ext=["jpg;jpeg;png", "cls"],
+            ext=[";".join(IMAGE_EXTENSIONS), "cls"],
             missing_component_behavior="empty",  # no cls: label -1
             shard_id=rank,
             num_shards=world_size,
@@ -199,6 +202,7 @@ class DaliTwoViewLoader:
         self.pipe.build()
         total = self.pipe.reader_meta(READER)["epoch_size"]
         self.samples_per_epoch = total * (rank + 1) // world_size - total * rank // world_size
+        self.bad_samples = sum(map(len, excluded_samples(shards).values()))  # left out of the index files
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.dtype, self.channels_last = dtype, channels_last
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from moco_scale.data.shards import write_shards
 
-DEMO_VERSION = "digits-v3"  # v3: DALI .idx files, decode_checked manifest
+DEMO_VERSION = "digits-v4"  # v4: every image checked with PIL and DALI (checked_with in the manifest)
 IMAGE_SIZE = 32
 HELD_OUT = 300
 
@@ -55,8 +55,8 @@ def ensure_demo_shards(root: Path | None = None) -> dict[str, Path]:
     train_n = len(images) - HELD_OUT
     staging = root.parent / f".{DEMO_VERSION}.{os.getpid()}.tmp"
     names = [str(c) for c in range(10)]
-    write_shards(_samples(images[:train_n], labels[:train_n], 0), staging / "train", 200, "train", names, True)
-    write_shards(_samples(images[train_n:], labels[train_n:], train_n), staging / "val", 200, "val", names, True)
+    write_shards(_samples(images[:train_n], labels[:train_n], 0), staging / "train", 200, "train", names, check=True)
+    write_shards(_samples(images[train_n:], labels[train_n:], train_n), staging / "val", 200, "val", names, check=True)
     try:
         os.replace(staging, root)
     except OSError:  # another process finished first

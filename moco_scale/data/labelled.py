@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
-from moco_scale.data.shards import DataError, shard_sizes
+from moco_scale.data.shards import DataError, excluded_samples, shard_sizes
 from moco_scale.data.torch_loader import TwoViewStream, decode_sample, read_shard, stream_loader, view_transform
 
 CENTRE_CROP_FROM = 64  # px: from this size on, resize to size / 0.875 and centre-crop
@@ -75,6 +75,7 @@ class EvalBatches(IterableDataset):
 
     def __init__(self, shards: list[str], image_size: int, batch_size: int, rank: int, world_size: int):
         sizes = shard_sizes(shards)
+        self.excluded = excluded_samples(shards)
         self.order = sorted(sizes)
         self.sizes = [sizes[s] for s in self.order]
         total = sum(self.sizes)
@@ -109,7 +110,7 @@ class EvalBatches(IterableDataset):
             shard_offset, offset = offset, offset + size
             if shard_offset >= end or offset <= self.start:
                 continue
-            for index, sample in enumerate(read_shard(shard)):
+            for index, sample in enumerate(read_shard(shard, self.excluded[shard])):
                 position = shard_offset + index
                 if position >= end:
                     break

@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from moco_scale.data.augment import ViewSpec
 from moco_scale.data.dali import DaliTwoViewLoader, dali_available
-from moco_scale.data.shards import DataError, all_decode_checked
+from moco_scale.data.shards import DataError, checked_with
 from moco_scale.data.torch_loader import two_view_loader
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def resolve_backend(backend: str, shards: list[str]) -> str:
-    """``auto`` is DALI when it imports and every shard was decode-checked by its writer (DALI stops on
-    a corrupt image; the torch loader skips it), else torch. Asking for DALI without it is a :class:`DataError`."""
+    """``auto`` is DALI when it imports and every image of the shards was checked with DALI's decoder
+    (DALI stops on an image it cannot decode; the torch loader skips it), else torch. Asking for DALI
+    without it, or over shards not checked with its decoder, is a one-line :class:`DataError`."""
+    checked = "dali" in checked_with(shards)
     if backend == "auto":
-        return "dali" if dali_available() and all_decode_checked(shards) else "torch"
+        return "dali" if dali_available() and checked else "torch"
     if backend == "dali" and not dali_available():
         raise DataError("data.backend=dali but NVIDIA DALI is not installed (pip install -e '.[dali]')")
+    if backend == "dali" and not checked:
+        folders = sorted({str(Path(s).parent) for s in shards})
+        raise DataError(
+            f"data.backend=dali: the shards in {', '.join(folders)} were not checked with DALI's decoder, which "
+            "stops on a corrupt image; run python -m moco_scale.data.make_shards --index-only FOLDER --check, "
+            "or use data.backend=torch"
+        )
     return backend
 
 

@@ -1,12 +1,13 @@
 """Turn an ImageFolder tree or a list file into WebDataset shards, with DALI index files and a manifest.
 
     python -m moco_scale.data.make_shards SRC OUT [--shard-size N] [--workers N] [--prefix NAME] [--force]
-    python -m moco_scale.data.make_shards --index-only SHARD_OR_FOLDER_OR_GLOB
+    python -m moco_scale.data.make_shards --index-only SHARD_OR_FOLDER_OR_GLOB [--check]
 
 SRC is a folder of class folders (``SRC/<class>/**/*.jpg|jpeg|png``; the sorted class names give the
 labels 0, 1, ...) or a text file of ``path label`` lines (tab or space separated; relative paths are taken
 from the list file's folder; blank lines and ``#`` comments are skipped). Every image is decoded before it
-is written: JPEGs are stored byte for byte, other formats are re-encoded as JPEG, and files that fail are
+is written, by PIL and, when DALI is installed, by DALI's stricter decoder too (``checked_with`` in the
+manifest): JPEGs are stored byte for byte, other formats are re-encoded as JPEG, and files that fail are
 skipped and listed under ``bad_files`` in ``OUT/manifest.json``.
 
 Shard ``i`` holds the images that decode among inputs ``i*N .. i*N+N-1`` (in input order) whatever the
@@ -26,14 +27,24 @@ import multiprocessing
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from moco_scale.data.shards import DataError, list_shards, write_index, write_manifest, write_shard
+from moco_scale.data.shards import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    list_shards,
+    split_member,
+    tar_samples,
+    write_index,
+    write_manifest,
+    write_shard,
+)
+from moco_scale.data.validate import decode_errors, decoders, pil_error
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 JPEG_QUALITY = 95  # for re-encoded non-JPEG inputs
@@ -108,35 +119,36 @@ def jpeg_payload(path: str) -> bytes:
     Raises when the file cannot be read or fully decoded.
     """
     data = Path(path).read_bytes()
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.format == "JPEG":
-                return data
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
-            return buffer.getvalue()
-    except UnidentifiedImageError:
-        raise ValueError("not an image format PIL can identify") from None
+    if error := pil_error(data):
+        raise ValueError(error)
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG":
+            return data
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        return buffer.getvalue()
 
 
-def _write_job(job: tuple[list[Input], str]) -> tuple[int, list[dict[str, str]]]:
+def _write_job(job: tuple[list[Input], str, list[str]]) -> tuple[int, list[dict[str, str]]]:
     """Write one shard from its inputs; returns its sample count and the inputs that failed to decode."""
-    inputs, path = job
-    bad: list[dict[str, str]] = []
-
-    def samples() -> Iterator[tuple[str, bytes, int]]:
-        for item in inputs:
-            try:
-                payload = jpeg_payload(item.path)
-            except Exception as e:  # anything a broken file makes the reader or decoder raise
-                bad.append({"path": item.path, "error": f"{type(e).__name__}: {e}"})
-                continue
-            yield item.key, payload, item.label
-
-    return write_shard(samples(), path), bad
+    inputs, path, with_decoders = job
+    errors: dict[str, str] = {}
+    payloads: dict[str, bytes] = {}
+    for item in inputs:
+        try:
+            payloads[item.key] = jpeg_payload(item.path)
+        except ValueError as e:  # does not decode
+            errors[item.key] = str(e)
+        except OSError as e:  # cannot be read
+            errors[item.key] = f"{type(e).__name__}: {e}"
+    stricter = [d for d in with_decoders if d != "pil"]  # jpeg_payload has decoded each one with PIL
+    for key, error in zip(payloads, decode_errors(list(payloads.values()), stricter), strict=True):
+        if error:
+            errors[key] = error
+    good = [(item.key, payloads[item.key], item.label) for item in inputs if item.key not in errors]
+    return write_shard(good, path), [
+        {"path": item.path, "error": errors[item.key]} for item in inputs if item.key in errors
+    ]
 
 
 def _parallel(
@@ -162,9 +174,9 @@ def _parallel(
     return results
 
 
-def _fingerprint(inputs: Sequence[Input], shard_size: int, prefix: str) -> str:
-    """A digest of the settings and of each input's path, label, key, size and mtime."""
-    digest = hashlib.sha256(json.dumps([LAYOUT_VERSION, JPEG_QUALITY, shard_size, prefix]).encode())
+def _fingerprint(inputs: Sequence[Input], shard_size: int, prefix: str, with_decoders: list[str]) -> str:
+    """A digest of the settings, the checking decoders and each input's path, label, key, size and mtime."""
+    digest = hashlib.sha256(json.dumps([LAYOUT_VERSION, JPEG_QUALITY, shard_size, prefix, with_decoders]).encode())
     for item in inputs:
         try:
             stat = os.stat(item.path)
@@ -237,7 +249,8 @@ def make_shards(
             raise DataError(f"SRC {str(src)!r} lists no images")
     keys = sample_keys([p for p, _ in files])
     inputs = [Input(str(p), label, key) for (p, label), key in zip(files, keys, strict=True)]
-    fingerprint = _fingerprint(inputs, shard_size, prefix)
+    with_decoders = decoders()
+    fingerprint = _fingerprint(inputs, shard_size, prefix, with_decoders)
 
     old = _read_manifest(out)
     if old is not None and not force:
@@ -252,11 +265,11 @@ def make_shards(
     (out / "manifest.json").unlink(missing_ok=True)  # OUT is incomplete until the new manifest is written
 
     jobs = [
-        (inputs[start : start + shard_size], str(out / f"{prefix}-{i:06d}.tar"))
+        (inputs[start : start + shard_size], str(out / f"{prefix}-{i:06d}.tar"), with_decoders)
         for i, start in enumerate(range(0, len(inputs), shard_size))
     ]
-    results = _parallel(_write_job, jobs, [len(chunk) for chunk, _ in jobs], "img", workers, progress)
-    shards = [(Path(path).name, count) for (_, path), (count, _) in zip(jobs, results, strict=True) if count]
+    results = _parallel(_write_job, jobs, [len(chunk) for chunk, _, _ in jobs], "img", workers, progress)
+    shards = [(Path(path).name, count) for (_, path, _), (count, _) in zip(jobs, results, strict=True) if count]
     bad_files = [entry for _, bad in results for entry in bad]
     _remove_stale(out, prefix, {name for name, _ in shards}, old)
     manifest = write_manifest(
@@ -264,7 +277,7 @@ def make_shards(
         shards,
         class_names,
         bad_files=bad_files,
-        decode_checked=True,
+        checked_with=with_decoders,
         source=str(src),
         inputs=len(inputs),
         shard_size=shard_size,
@@ -278,6 +291,66 @@ def index_shards(path: str, workers: int = 1, progress: bool = True) -> list[Pat
     """Write the ``.idx`` beside each shard of a folder, a glob or a single shard; returns the index files."""
     shards = list_shards(path)
     return _parallel(write_index, shards, [1] * len(shards), "shard", workers, progress)
+
+
+def _check_job(job: tuple[str, list[str]]) -> tuple[int, list[dict[str, str]]]:
+    """Decode every image of an existing shard and index only the samples that pass; returns how many
+    passed and the others as ``{"shard", "key", "error"}``."""
+    shard, with_decoders = job
+    end = Path(shard).stat().st_size
+    errors: dict[str, str] = {}
+    images: dict[str, bytes] = {}
+    samples = tar_samples(shard, partial_ok=True)
+    with open(shard, "rb") as tar:
+        for key, members in samples:
+            image = next((m for m in members if split_member(m.name)[1] in IMAGE_EXTENSIONS), None)
+            if any(m.offset_data + m.size > end for m in members):
+                errors[key] = "cut off by the end of the tar"
+            elif image is None:
+                errors[key] = f"no image member ({', '.join(IMAGE_EXTENSIONS)})"
+            else:
+                tar.seek(image.offset_data)
+                images[key] = tar.read(image.size)
+    for key, error in zip(images, decode_errors(list(images.values()), with_decoders), strict=True):
+        if error:
+            errors[key] = error
+    kept = [(key, members) for key, members in samples if key not in errors]
+    if kept:
+        write_index(shard, samples=kept)
+    else:
+        Path(shard).with_suffix(".idx").unlink(missing_ok=True)
+    name = Path(shard).name
+    return len(kept), [{"shard": name, "key": key, "error": errors[key]} for key, _ in samples if key in errors]
+
+
+def check_shards(path: str, workers: int = 1, progress: bool = True) -> list[dict[str, Any]]:
+    """Decode-check existing shards (a folder, a glob or one shard): each ``.idx`` lists only the samples
+    whose image decodes, and the ``manifest.json`` of each folder records the counts, the samples left
+    out (``bad_samples``) and the decoders (``checked_with``); returns the manifests written."""
+    shards = list_shards(path)
+    with_decoders = decoders()
+    results = _parallel(_check_job, [(s, with_decoders) for s in shards], [1] * len(shards), "shard", workers, progress)
+    manifests = []
+    for folder in sorted({Path(s).parent for s in shards}):
+        checked = {Path(s).name: r for s, r in zip(shards, results, strict=True) if Path(s).parent == folder}
+        old = _read_manifest(folder) or {}
+        others = [e for e in old.get("shards", []) if e["name"] not in checked]
+        listed = [(e["name"], e["samples"]) for e in others] + [(n, kept) for n, (kept, _) in checked.items() if kept]
+        trusted = set(old.get("checked_with", ())) if others else set(with_decoders)
+        kept_extra = {k: v for k, v in old.items() if k not in {"shards", "samples", "class_names", "checked_with"}}
+        kept_extra["bad_samples"] = [e for e in old.get("bad_samples", []) if e.get("shard") not in checked] + [
+            entry for _, bad in checked.values() for entry in bad
+        ]
+        manifests.append(
+            write_manifest(
+                folder,
+                sorted(listed),
+                old.get("class_names"),
+                checked_with=[d for d in with_decoders if d in trusted],
+                **kept_extra,
+            )
+        )
+    return manifests
 
 
 def _positive(text: str) -> int:
@@ -306,13 +379,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--index-only", metavar="SHARDS", help="only write the .idx of existing shards: a shard, a folder or a glob"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --index-only: decode every image first; index only those that decode and record the rest "
+        "in each folder's manifest.json (what lets DALI stream the shards)",
+    )
     args = parser.parse_args(argv)
+    if args.check and not args.index_only:
+        parser.error("--check goes with --index-only (SRC is always checked)")
     if args.index_only and (args.src or args.out):
         parser.error("--index-only takes no SRC or OUT")
     if not args.index_only and not (args.src and args.out):
         parser.error("SRC and OUT are required (or --index-only SHARDS)")
     try:
-        if args.index_only:
+        if args.index_only and args.check:
+            manifests = check_shards(args.index_only, args.workers, not args.no_progress)
+            kept = sum(m["samples"] for m in manifests)
+            left_out = sum(len(m["bad_samples"]) for m in manifests)
+            print(f"indexed {kept} samples that decode; {left_out} left out (bad_samples in manifest.json)")
+        elif args.index_only:
             written = index_shards(args.index_only, args.workers, not args.no_progress)
             print(f"wrote {len(written)} index files")
         else:

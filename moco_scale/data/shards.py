@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX_VERSION = "v1.2"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")  # the tar member read as a sample's image
 
 
 class DataError(ValueError):
@@ -41,17 +42,16 @@ def split_member(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1 :]
 
 
-def write_index(tar_path: str | Path, index_path: str | Path | None = None) -> Path:
-    """Write the DALI index of a shard (``X.idx`` beside ``X.tar`` unless ``index_path``); returns its path.
+TarSample = tuple[str, list[tarfile.TarInfo]]  # a key and its members, in stored order
 
-    The format is ``wds2idx``'s v1.2, which ``fn.readers.webdataset(index_paths=...)`` reads: a line
-    ``v1.2 <samples>``, then a line per sample with ``<ext> <offset> <size> <member name>`` for each of
-    its members, where offset is that of the member's data from the start of the tar.
+
+def tar_samples(tar_path: str | Path, partial_ok: bool = False) -> list[TarSample]:
+    """The samples of a shard: consecutive regular members with the same key (see :func:`split_member`).
+
+    A tar that cannot be read is a :class:`DataError`; with ``partial_ok`` a tar whose tail is damaged
+    yields the samples read before it (a member's data may then run past the end of the file).
     """
-    tar_path = Path(tar_path)
-    index_path = Path(index_path) if index_path is not None else tar_path.with_suffix(".idx")
-    samples: list[list[str]] = []
-    last_key = None
+    samples: list[TarSample] = []
     try:
         with tarfile.open(tar_path, "r:") as tar:
             for member in tar:
@@ -62,16 +62,33 @@ def write_index(tar_path: str | Path, index_path: str | Path | None = None) -> P
                     raise DataError(
                         f"{tar_path}: member {member.name!r} has white space, which a DALI index cannot hold"
                     )
-                key, ext = split
-                if key != last_key:
-                    samples.append([])
-                    last_key = key
-                samples[-1].append(f"{ext} {member.offset_data} {member.size} {member.name}")
+                if not samples or samples[-1][0] != split[0]:
+                    samples.append((split[0], []))
+                samples[-1][1].append(member)
     except (OSError, tarfile.TarError) as e:
-        raise DataError(f"{tar_path}: not a readable uncompressed tar ({e})") from e
+        if not (partial_ok and samples):
+            raise DataError(f"{tar_path}: not a readable uncompressed tar ({e})") from e
+    return samples
+
+
+def write_index(
+    tar_path: str | Path, index_path: str | Path | None = None, samples: list[TarSample] | None = None
+) -> Path:
+    """Write the DALI index of a shard (``X.idx`` beside ``X.tar`` unless ``index_path``); returns its path.
+
+    The format is ``wds2idx``'s v1.2, which ``fn.readers.webdataset(index_paths=...)`` reads: a line
+    ``v1.2 <samples>``, then a line per sample with ``<ext> <offset> <size> <member name>`` for each of
+    its members, where offset is that of the member's data from the start of the tar. ``samples``
+    (default: all of :func:`tar_samples`) are the ones DALI will read.
+    """
+    tar_path = Path(tar_path)
+    index_path = Path(index_path) if index_path is not None else tar_path.with_suffix(".idx")
+    samples = tar_samples(tar_path) if samples is None else samples
     if not samples:
         raise DataError(f"{tar_path}: holds no samples to index")
-    lines = [f"{INDEX_VERSION} {len(samples)}", *(" ".join(sample) for sample in samples)]
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    for _, members in samples:
+        lines.append(" ".join(f"{split_member(m.name)[1]} {m.offset_data} {m.size} {m.name}" for m in members))
     _write_atomically(index_path, "\n".join(lines) + "\n")
     return index_path
 
@@ -120,37 +137,61 @@ def write_shards(
     samples_per_shard: int = 1000,
     prefix: str = "shard",
     class_names: list[str] | None = None,
-    decode_checked: bool = False,
+    check: bool = False,
 ) -> list[Path]:
     """Write ``(key, jpeg_bytes, label)`` samples as ``{prefix}-NNNNNN.tar`` shards plus ``manifest.json``.
 
-    Each shard gets its ``.idx`` and is written atomically (see :func:`write_shard`). Pass
-    ``decode_checked=True`` only when every image is known to decode (see :func:`all_decode_checked`).
+    Each shard gets its ``.idx`` and is written atomically (see :func:`write_shard`). With ``check``,
+    every image is decoded first (:func:`~moco_scale.data.validate.decode_errors`): those that fail are
+    left out and listed under ``bad_samples``, and the manifest's ``checked_with`` names the decoders.
     """
+    from moco_scale.data.validate import decode_errors, decoders
+
+    with_decoders = decoders() if check else []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stream = iter(samples)
     written: list[tuple[Path, int]] = []
-    while True:
+    bad: list[dict[str, str]] = []
+    while chunk := list(itertools.islice(stream, samples_per_shard)):
+        errors = decode_errors([jpeg for _, jpeg, _ in chunk], with_decoders) if check else [None] * len(chunk)
+        bad += [{"key": key, "error": error} for (key, _, _), error in zip(chunk, errors, strict=True) if error]
         path = out_dir / f"{prefix}-{len(written):06d}.tar"
-        count = write_shard(itertools.islice(stream, samples_per_shard), path)
-        if not count:
-            break
-        written.append((path, count))
-    write_manifest(out_dir, [(p.name, n) for p, n in written], class_names, decode_checked=decode_checked)
+        good = [sample for sample, error in zip(chunk, errors, strict=True) if error is None]
+        if count := write_shard(good, path):
+            written.append((path, count))
+    write_manifest(out_dir, [(p.name, n) for p, n in written], class_names, checked_with=with_decoders, bad_samples=bad)
     return [p for p, _ in written]
 
 
-def all_decode_checked(shards: list[str]) -> bool:
-    """Whether every shard is listed in a ``manifest.json`` whose writer decoded every image first."""
-    checked: set[str] = set()
+def _manifests(shards: list[str]) -> dict[Path, dict[str, Any]]:
+    """The ``manifest.json`` beside the shards, by folder (folders without one are left out)."""
+    found = {}
     for folder in {Path(s).parent for s in shards}:
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            content = json.loads(manifest.read_text())
-            if content.get("decode_checked"):
-                checked.update(str(folder / entry["name"]) for entry in content["shards"])
-    return all(str(Path(s)) in checked for s in shards)
+            found[folder] = json.loads(manifest.read_text())
+    return found
+
+
+def checked_with(shards: list[str]) -> set[str]:
+    """The decoders that every image of every shard was checked with (``pil``, ``dali``), from the manifests."""
+    by_shard: dict[str, set[str]] = {}
+    for folder, content in _manifests(shards).items():
+        for entry in content["shards"]:
+            by_shard[str(folder / entry["name"])] = set(content.get("checked_with", ()))
+    found = [by_shard.get(str(Path(s)), set()) for s in shards]
+    return set.intersection(*found) if found else set()
+
+
+def excluded_samples(shards: list[str]) -> dict[str, frozenset[str]]:
+    """The keys a shard check left out of each shard's index (``bad_samples`` with a ``shard``), by shard."""
+    excluded: dict[str, set[str]] = {}
+    for folder, content in _manifests(shards).items():
+        for entry in content.get("bad_samples", ()):
+            if "shard" in entry:
+                excluded.setdefault(str(folder / entry["shard"]), set()).add(entry["key"])
+    return {s: frozenset(excluded.get(str(Path(s)), ())) for s in shards}
 
 
 def list_shards(path: str, name: str = "data.path") -> list[str]:
@@ -176,12 +217,11 @@ def list_shards(path: str, name: str = "data.path") -> list[str]:
 
 def shard_sizes(shards: list[str]) -> dict[str, int]:
     """Samples in each shard, from a ``manifest.json`` beside it when there is one, else by reading the tar."""
-    listed: dict[str, int] = {}
-    for folder in {Path(s).parent for s in shards}:
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            for entry in json.loads(manifest.read_text())["shards"]:
-                listed[str(folder / entry["name"])] = entry["samples"]
+    listed = {
+        str(folder / entry["name"]): entry["samples"]
+        for folder, content in _manifests(shards).items()
+        for entry in content["shards"]
+    }
     sizes = {}
     for shard in shards:
         if str(Path(shard)) in listed:

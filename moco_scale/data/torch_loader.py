@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, blur_window
-from moco_scale.data.shards import DataError, shard_sizes
+from moco_scale.data.shards import IMAGE_EXTENSIONS, DataError, excluded_samples, shard_sizes
 
 
 class SigmaGaussianBlur(torch.nn.Module):
@@ -62,7 +62,7 @@ def view_transform(spec: ViewSpec) -> T.Compose:
 
 def decode_sample(sample: dict) -> tuple[Image.Image, int]:
     """A webdataset sample's image and label (-1 when it has no ``cls``)."""
-    payload = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
+    payload = next((sample[ext] for ext in IMAGE_EXTENSIONS if sample.get(ext)), None)
     if not payload:
         raise ValueError(f"sample {sample.get('__key__')!r} has no image")
     image = Image.open(io.BytesIO(payload))
@@ -71,10 +71,11 @@ def decode_sample(sample: dict) -> tuple[Image.Image, int]:
     return image.convert("RGB"), label
 
 
-def read_shard(shard: str) -> wds.WebDataset:
-    """The samples of one shard in stored order; this process reads all of it (the caller splits the
-    work), and a truncated tar or an unreadable member is skipped with a warning, not raised."""
-    return wds.WebDataset(
+def read_shard(shard: str, skip: Collection[str] = ()) -> wds.WebDataset:
+    """The samples of one shard in stored order, but for the keys in ``skip``; this process reads all of
+    it (the caller splits the work), and a truncated tar or an unreadable member is skipped with a
+    warning, not raised."""
+    samples = wds.WebDataset(
         [shard],
         shardshuffle=False,
         nodesplitter=None,
@@ -82,6 +83,7 @@ def read_shard(shard: str) -> wds.WebDataset:
         empty_check=False,
         handler=wds.warn_and_continue,
     )
+    return samples.select(lambda sample: sample["__key__"] not in skip) if skip else samples
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class TwoViewStream(IterableDataset):
         worker_offset: int = 0,
     ):
         self.sizes = shard_sizes(shards)
+        self.excluded = excluded_samples(shards)  # left out of the index by a shard check
         self.transforms = (view_transform(views[0]), view_transform(views[1]))
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -143,7 +146,7 @@ class TwoViewStream(IterableDataset):
         worker, workers = self._worker()
         readers = self.world_size * workers
         for span in split_epoch(self.sizes, self.seed, epoch, self.rank * workers + worker, readers):
-            for index, sample in enumerate(read_shard(span.shard)):
+            for index, sample in enumerate(read_shard(span.shard, self.excluded[span.shard])):
                 if index >= span.end:
                     break
                 if index >= span.first:
@@ -197,9 +200,10 @@ class TwoViewStream(IterableDataset):
 class TwoViewBatches:
     """Iterates ``(view1, view2, labels)`` batches and keeps what a checkpoint and the log need."""
 
-    def __init__(self, loader: DataLoader, readers: int, start_batch: int):
+    def __init__(self, loader: DataLoader, readers: int, start_batch: int, left_out: int = 0):
         self._batches = iter(loader)
         self.readers = readers
+        self.left_out = left_out
         self.batches = start_batch  # consumed by this rank since the start of the run
         self._bad_by_reader = [0] * readers
 
@@ -214,8 +218,8 @@ class TwoViewBatches:
 
     @property
     def bad_samples(self) -> int:
-        """Samples this rank skipped because they failed to decode."""
-        return sum(self._bad_by_reader)
+        """Samples a shard check left out of the shards, plus those this rank skipped for failing to decode."""
+        return self.left_out + sum(self._bad_by_reader)
 
     def state_dict(self) -> dict[str, int]:
         return {"batches": self.batches}
@@ -239,7 +243,7 @@ def two_view_loader(
     skip = tuple(batch_size * len(range(w, start_batch, readers)) for w in range(readers))
     stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, skip, start_batch % readers)
     loader = stream_loader(stream, sum(stream.sizes.values()), batch_size, world_size, workers, pin_memory)
-    return TwoViewBatches(loader, readers, start_batch)
+    return TwoViewBatches(loader, readers, start_batch, sum(map(len, stream.excluded.values())))
 
 
 def stream_loader(
