@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_scale import checkpoint
-from moco_scale.dist.comm import free_port, set_local_rank_env
+from moco_scale.dist.comm import free_port, join_local_gloo
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
@@ -173,9 +173,7 @@ def measure(rank: int, world: int, arch: str, zero: int, queue: int, repeats: in
 
 
 def worker(rank: int, world: int, port: int, config: dict, out_path: str) -> None:
-    set_local_rank_env(rank, world, port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_local_gloo(rank, world, port)
     try:
         result = measure(rank, world, **config)
         everyone: list[dict | None] = [None] * world

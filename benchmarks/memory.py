@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_scale.dist.comm import free_port, set_local_rank_env
+from moco_scale.dist.comm import free_port, join_local_gloo
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
@@ -120,9 +120,7 @@ def _local_param_bytes(model: MoCo, backend: str) -> int:
 
 
 def _rank(rank: int, port: int, arch: str, backend: str, args: argparse.Namespace, out: str) -> None:
-    set_local_rank_env(rank, WORLD, port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_local_gloo(rank, WORLD, port)
     _release_freed_memory()
     base = _rss()
     with PeakSampler() as init:

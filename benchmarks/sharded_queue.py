@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from moco_scale.dist.comm import free_port, set_local_rank_env
+from moco_scale.dist.comm import free_port, join_local_gloo
 from moco_scale.dist.queue import KeyQueue, ShardedKeyQueue
 from moco_scale.moco import info_nce
 
@@ -87,9 +87,7 @@ def sharded_step(queue: ShardedKeyQueue, q: torch.Tensor, k: torch.Tensor) -> to
 
 
 def worker(rank: int, port: int, method: str, size: int, args: argparse.Namespace, out_path: str) -> None:
-    set_local_rank_env(rank, WORLD, port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_local_gloo(rank, WORLD, port)
     try:
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(rank)

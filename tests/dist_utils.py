@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_scale.dist.comm import free_port, set_local_rank_env
+from moco_scale.dist.comm import free_port, join_local_gloo
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
-    set_local_rank_env(rank, world_size, port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    join_local_gloo(rank, world_size, port)
     try:
         fn(rank, world_size, *args)
     finally:

@@ -43,6 +43,14 @@ def set_local_rank_env(rank: int, world_size: int, port: int) -> None:
     )
 
 
+def join_local_gloo(rank: int, world_size: int, port: int) -> None:
+    """Join a ``world_size``-rank gloo group on this machine as rank ``rank`` of processes spawned without a
+    launcher (tests, benchmarks), with one torch thread per rank so the ranks do not fight over cores."""
+    set_local_rank_env(rank, world_size, port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
 def resolve_device(preference: str, local_rank: int) -> torch.device:
     """``auto`` picks this rank's GPU when CUDA is present, else the CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
