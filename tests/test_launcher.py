@@ -15,6 +15,8 @@ import pytest
 import torch.distributed as dist
 import yaml
 
+from moco_scale.data.dali import dali_available
+from moco_scale.data.shards import write_shards
 from moco_scale.dist.comm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +33,14 @@ def _load_launcher():
 
 def _bad_inputs(tmp: Path) -> list[tuple[dict, str]]:
     (tmp / "empty").mkdir(exist_ok=True)
+    write_shards([(f"k{i}", b"never decode-checked", 0) for i in range(4)], tmp / "unchecked")
     return [
+        (
+            {"data.path": str(tmp / "unchecked"), "data.backend": "dali", "eval.every_steps": 0},
+            "data.backend=dali: the shards in .*unchecked were not checked with DALI's decoder"
+            if dali_available()
+            else "data.backend=dali but NVIDIA DALI is not installed",
+        ),
         ({"data.path": str(tmp / "missing"), "eval.every_steps": 0}, "data.path: '.*missing' does not exist"),
         ({"data.path": str(tmp / "empty"), "eval.every_steps": 0}, "data.path: folder '.*empty' holds no .tar"),
         ({"data.path": str(tmp / "empty" / "*.tar"), "eval.every_steps": 0}, "data.path: no .tar shards match"),
