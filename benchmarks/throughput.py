@@ -111,12 +111,6 @@ def load_launcher() -> ModuleType:
     return module
 
 
-def resolved_precision(cfg: Config, device: torch.device) -> str:
-    if cfg.engine.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return cfg.engine.precision
-
-
 def check_comparable(cfg: Config, world_size: int) -> None:
     """fb/moco's step exists only for what it implements; anything else would not be the same run."""
     global_batch = cfg.train.batch_size * world_size
@@ -228,6 +222,7 @@ def rank_methods(args: argparse.Namespace, cfg: Config, rank: int, world: int) -
             cfg.data.shuffle_buffer,
             ctx.device,
             channels_last,
+            launcher.VIEW_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
         )
 
         def e2e_step() -> None:
@@ -279,7 +274,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
             "rank": rank,
             "threads": torch.get_num_threads(),
             "device": str(device),
-            "precision": resolved_precision(cfg, device),
+            "precision": cfg.engine.resolved_precision(device.type),
             "data_backend": setup.data_backend,
             "methods": results,
             "probes_ms": probe_ms,

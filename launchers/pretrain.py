@@ -78,6 +78,9 @@ class StopRequest:
         return bool(flag.item())
 
 
+VIEW_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the loader's output
+
+
 def uses_channels_last(cfg: Config, ctx: DistInfo) -> bool:
     return cfg.model.channels_last and ctx.device.type == "cuda"
 
@@ -115,9 +118,7 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
             module, o.name, peak_lr, o.momentum, o.weight_decay, o.betas, o.trust_coefficient, ctx.device.type
         )
 
-    precision = cfg.engine.precision
-    if precision == "auto":
-        precision = "bf16" if ctx.device.type == "cuda" else "fp32"
+    precision = cfg.engine.resolved_precision(ctx.device.type)
     if cfg.engine.backend == "fsdp":
         return model, FSDPEngine(model, make_optimizer, precision, cfg.optim.grad_clip, backbone_factory=backbone)
     engine = DeepSpeedEngine(
@@ -173,6 +174,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         cfg.data.shuffle_buffer,
         ctx.device,
         uses_channels_last(cfg, ctx),
+        VIEW_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
         state=loader_state,
     )
     knn = None

@@ -90,6 +90,13 @@ class EngineConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cuda_graph_ema: bool = True
 
+    def resolved_precision(self, device_type: str) -> str:
+        """``precision`` on a device of ``device_type``: ``auto`` is bf16 on a GPU and fp32 on the CPU (bf16
+        autocast on a CPU without bf16 units is many times slower than fp32)."""
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
+
 
 @dataclass
 class CheckpointConfig:

@@ -74,3 +74,30 @@ def test_state_dict_resumes_the_stream_exactly(demo_shards: dict[str, Path], bac
     resumed = loader.two_view_batches(backend, state=state, **kwargs)
     for (a1, a2, al), (b1, b2, bl) in zip(expected, (next(resumed) for _ in range(3)), strict=True):
         assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(al, bl)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_views_come_in_the_engine_dtype(demo_shards: dict[str, Path], backend: str, dtype: torch.dtype) -> None:
+    """The same batch as in fp32, rounded once to ``dtype`` (DALI makes fp16 itself, so allow its own rounding)."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    kwargs = dict(
+        shards=list_shards(str(demo_shards["val"])),
+        views=moco_views("v2", 16),
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        workers=1,
+        seed=2,
+        shuffle_buffer=16,
+        device=torch.device("cpu"),
+    )
+    full = next(loader.two_view_batches(backend, **kwargs))
+    half = next(loader.two_view_batches(backend, dtype=dtype, **kwargs))
+    assert half[0].dtype == half[1].dtype == dtype and torch.equal(half[2], full[2])
+    for got, want in zip(half[:2], full[:2], strict=True):
+        if backend == "dali" and dtype == torch.float16:
+            torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
+        else:
+            assert torch.equal(got, want.to(dtype))

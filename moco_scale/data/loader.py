@@ -46,9 +46,11 @@ def two_view_batches(
     shuffle_buffer: int,
     device: torch.device,
     channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
     state: dict | None = None,
 ) -> Iterator[Batch]:
-    """Endless ``(view1, view2, labels)`` batches for this rank from the resolved ``backend``.
+    """Endless ``(view1, view2, labels)`` batches for this rank from the resolved ``backend``, with views
+    in ``dtype`` (the engine's compute precision: half the bytes to copy and shuffle in bf16/fp16).
 
     DALI decodes on this rank's GPU (``mixed``) when ``device`` is CUDA and on the CPU otherwise,
     with ``workers`` CPU threads; the torch loader runs ``workers`` DataLoader processes. The result's
@@ -65,6 +67,7 @@ def two_view_batches(
             seed=seed,
             device_id=device.index if device.type == "cuda" else None,
             num_threads=max(1, workers),
+            dtype=dtype,
             channels_last=channels_last,
             shuffle_buffer=shuffle_buffer,
             checkpoint=state["dali"] if state else None,
@@ -80,6 +83,7 @@ def two_view_batches(
         shuffle_buffer,
         pin_memory=device.type == "cuda",
         start_batch=state["batches"] if state else 0,
+        dtype=dtype,
     )
 
 

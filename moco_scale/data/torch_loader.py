@@ -124,6 +124,7 @@ class TwoViewStream(IterableDataset):
         shuffle_buffer: int = 1000,
         skip_per_worker: tuple[int, ...] = (),
         worker_offset: int = 0,
+        dtype: torch.dtype = torch.float32,
     ):
         self.sizes = shard_sizes(shards)
         self.excluded = excluded_samples(shards)  # left out of the index by a shard check
@@ -131,6 +132,7 @@ class TwoViewStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.skip_per_worker, self.worker_offset = skip_per_worker, worker_offset
+        self.dtype = dtype
         self.bad_samples = 0
 
     def _worker(self) -> tuple[int, int]:
@@ -194,7 +196,8 @@ class TwoViewStream(IterableDataset):
                 to_skip -= 1
                 continue
             torch.manual_seed(hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF)
-            yield self.transforms[0](image), self.transforms[1](image), label, self.bad_samples
+            view1, view2 = self.transforms[0](image).to(self.dtype), self.transforms[1](image).to(self.dtype)
+            yield view1, view2, label, self.bad_samples
 
 
 class TwoViewBatches:
@@ -236,12 +239,14 @@ def two_view_loader(
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     start_batch: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> TwoViewBatches:
-    """Batches of ``(view1, view2, labels)`` for this rank, forever; ``start_batch`` resumes after that many."""
+    """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``; ``start_batch``
+    resumes after that many."""
     readers = max(1, workers)
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
     skip = tuple(batch_size * len(range(w, start_batch, readers)) for w in range(readers))
-    stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, skip, start_batch % readers)
+    stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, skip, start_batch % readers, dtype)
     loader = stream_loader(stream, sum(stream.sizes.values()), batch_size, world_size, workers, pin_memory)
     return TwoViewBatches(loader, readers, start_batch, sum(map(len, stream.excluded.values())))
 
