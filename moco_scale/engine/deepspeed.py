@@ -10,7 +10,6 @@ which breaks BatchNorm.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,20 +99,15 @@ def reshard_zero_optimizer(zero_optimizer: Any, path: Path, saved_world_size: in
     zero_optimizer._lazy_init_hp_params_optimizer_state()  # DeepSpeed's per-parameter views of the state
 
 
-def _unlink_cpu_comm_workspace() -> None:
-    """DeepSpeed's CPU all-reduce maps a 66 MB workspace per rank from /dev/shm and never removes it,
-    so every job would leave its files behind. Once every rank has mapped every other's (they all have
-    after ``deepspeed.initialize``: the barrier makes sure), the names can go; the mappings stay."""
-    torch.distributed.barrier()
-    name = "_".join(
-        [
-            "deepspeed_allreduce_buffer",
-            str(os.getuid()),
-            os.environ.get("MASTER_ADDR", ""),
-            os.environ.get("MASTER_PORT", ""),
-        ]
-    )
-    Path(f"/dev/shm/{name}_{torch.distributed.get_rank()}").unlink(missing_ok=True)
+def _skip_cpu_shm_all_reduce() -> None:
+    """Keep DeepSpeed from building and starting its shared-memory CPU all-reduce, which serves only its
+    ``inference_all_reduce`` (never called here): it JIT-compiles a C++ op at start-up, maps a 66 MB
+    workspace per rank from /dev/shm that it never removes, and took whole jobs down here (SIGSEGV in a
+    probe; "terminate called without an active exception" at start-up in CI runs). DeepSpeed keeps its
+    op-compatibility table as one module-level dict that it reads before building the op."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class DeepSpeedEngine(TrainEngine):
@@ -140,13 +134,13 @@ class DeepSpeedEngine(TrainEngine):
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
+        if next(model.parameters()).device.type == "cpu":
+            _skip_cpu_shm_all_reduce()
         self.model = model
         self.config = deepspeed_config(precision, zero_stage, micro_batch, world_size, grad_clip)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=make_optimizer(model), config=self.config
         )
-        if next(model.parameters()).device.type == "cpu":
-            _unlink_cpu_comm_workspace()
         self._gradients: OverlappedGradientAverager | None = None
         if zero_stage == 0:  # DeepSpeed would reduce after backward, flattening every gradient each step
             self.engine.enable_backward_allreduce = False
