@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
         pytest.param("throughput.py", "ratio_vs_reference", marks=pytest.mark.slow),  # 2 ranks, ours and fb/moco's
         ("gpu_suite.py", "pairs_per_s_compute"),  # its CPU dry run
         pytest.param("quality.py", "knn_top1_ours", marks=pytest.mark.slow),  # 4 steps each, ours and reference
+        ("shard_check.py", "ratio_full_vs_pil"),  # PIL alone, JPEG structure walk, PIL + DALI
         pytest.param(
             "data_throughput.py",
             "ratio_vs_reference",
