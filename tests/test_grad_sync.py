@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_ranks
@@ -15,14 +16,18 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10), nn.Linear(10, 4))
 
 
-def _averages_like_a_plain_all_reduce(rank: int, world: int, bucket_mb: float, layers: int) -> None:
+def _averages_like_a_plain_all_reduce(rank: int, world: int, bucket_mb: float, layers: int, attach: bool) -> None:
     ours, reference = _model(), _model()
+    if attach:  # a channels-last parameter: its bucket view keeps the layout
+        ours[0].weight.data = ours[0].weight.data.contiguous(memory_format=torch.channels_last)
     averager = OverlappedGradientAverager(list(ours.parameters()), bucket_mb=bucket_mb)
     assert (len(averager.buckets) > 2) == (bucket_mb < 0.001)
-    for step in range(2):
+    for step in range(3):
         x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(10 * rank + step))
         ours.zero_grad(set_to_none=True)
         reference.zero_grad(set_to_none=True)
+        if attach:
+            averager.attach()
         ours[:layers](x).square().mean().backward()
         if layers == len(ours):  # every bucket filled during backward, so each reduction was launched there
             assert len(averager.handles) == len(averager.buckets)
@@ -36,11 +41,17 @@ def _averages_like_a_plain_all_reduce(rank: int, world: int, bucket_mb: float, l
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=f"step {step} {name}")
     unused = list(ours[layers:].parameters())  # their gradients never came: reduced (as zeros) at wait()
     assert all(p.grad is not None and not p.grad.any() for p in unused)
+    for p in ours.parameters():  # every gradient lives in its bucket, with its parameter's layout
+        buffer = averager.buffers[averager.bucket_of[p]]
+        assert p.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert p.grad.stride() == p.stride()
 
 
-def test_overlapped_average_equals_plain_all_reduce() -> None:
-    run_ranks(_averages_like_a_plain_all_reduce, 2, 25.0, 5)  # one bucket
+@pytest.mark.parametrize("attach", [False, True])
+def test_overlapped_average_equals_plain_all_reduce(attach: bool) -> None:
+    run_ranks(_averages_like_a_plain_all_reduce, 2, 25.0, 5, attach)  # one bucket
 
 
-def test_many_buckets_and_a_layer_left_out() -> None:
-    run_ranks(_averages_like_a_plain_all_reduce, 2, 0.0005, 4)  # ~500 bytes: a bucket per parameter or two
+@pytest.mark.parametrize("attach", [False, True])
+def test_many_buckets_and_a_layer_left_out(attach: bool) -> None:
+    run_ranks(_averages_like_a_plain_all_reduce, 2, 0.0005, 4, attach)  # ~500 bytes: a bucket per parameter or two

@@ -161,6 +161,8 @@ class DeepSpeedEngine(TrainEngine):
             self.model.momentum_update(momentum, buffers=False)
         out: MocoOutput = self.engine(view1, view2, momentum=momentum, step=step)
         # ZeRO 1-3: DeepSpeed reduces the gradients inside backward (timed as comm); ZeRO-0: our averager.
+        if self._gradients is not None:  # backward accumulates into the averager's buckets
+            self._gradients.attach()
         with profiling.stage("query_fwd_bwd"), profiling.timed_calls(self.engine, "allreduce_gradients", "comm"):
             self.engine.backward(out.loss)
         if self._gradients is not None:  # what is left of the reductions that overlapped the backward
