@@ -120,6 +120,9 @@ def _dali_decodes(payloads: Sequence[bytes]) -> bool:
     import nvidia.dali.experimental.dynamic as ndd
     from nvidia.dali import types
 
+    ndd.set_num_threads(
+        1
+    )  # its default is a thread per core in every process; the writer's processes are the parallelism
     try:
         batch = ndd.decoders.image(
             ndd.batch([np.frombuffer(p, dtype=np.uint8) for p in payloads]), device="cpu", output_type=types.RGB
