@@ -51,21 +51,26 @@ def test_both_backends_yield_two_view_batches(demo_shards: dict[str, Path], back
     assert not torch.equal(view1, view2)
 
 
+def _demo_stream(demo_shards: dict[str, Path], rank: int, world_size: int, seed: int) -> dict:
+    """``two_view_batches`` arguments for 8 v2 pairs of 16 px from the held-out demo digits, on the CPU."""
+    return dict(
+        shards=list_shards(str(demo_shards["val"])),
+        views=moco_views("v2", 16),
+        batch_size=8,
+        rank=rank,
+        world_size=world_size,
+        workers=1,
+        seed=seed,
+        shuffle_buffer=16,
+        device=torch.device("cpu"),
+    )
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_state_dict_resumes_the_stream_exactly(demo_shards: dict[str, Path], backend: str) -> None:
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    kwargs = dict(
-        shards=list_shards(str(demo_shards["val"])),
-        views=moco_views("v2", 16),
-        batch_size=8,
-        rank=1,
-        world_size=2,
-        workers=1,
-        seed=4,
-        shuffle_buffer=16,
-        device=torch.device("cpu"),
-    )
+    kwargs = _demo_stream(demo_shards, rank=1, world_size=2, seed=4)
     first = loader.two_view_batches(backend, **kwargs)
     for _ in range(23):  # past the 150-sample epoch of this rank
         next(first)
@@ -82,17 +87,7 @@ def test_views_come_in_the_engine_dtype(demo_shards: dict[str, Path], backend: s
     """The same batch as in fp32, rounded once to ``dtype`` (DALI makes fp16 itself, so allow its own rounding)."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    kwargs = dict(
-        shards=list_shards(str(demo_shards["val"])),
-        views=moco_views("v2", 16),
-        batch_size=8,
-        rank=0,
-        world_size=1,
-        workers=1,
-        seed=2,
-        shuffle_buffer=16,
-        device=torch.device("cpu"),
-    )
+    kwargs = _demo_stream(demo_shards, rank=0, world_size=1, seed=2)
     full = next(loader.two_view_batches(backend, **kwargs))
     half = next(loader.two_view_batches(backend, dtype=dtype, **kwargs))
     assert half[0].dtype == half[1].dtype == dtype and torch.equal(half[2], full[2])
