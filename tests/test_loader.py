@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,12 @@ from moco_scale.data.shards import DataError, list_shards, write_shards
 
 
 def test_backend_resolution(monkeypatch: pytest.MonkeyPatch, demo_shards: dict[str, Path], tmp_path: Path) -> None:
-    checked = list_shards(str(demo_shards["val"]))
-    write_shards([("k", b"not checked", 0)], tmp_path)
-    unchecked = list_shards(str(tmp_path))
+    write_shards([("k", b"not checked", 0)], tmp_path / "checked")
+    manifest = tmp_path / "checked" / "manifest.json"  # as a check with both decoders leaves it
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "checked_with": ["pil", "dali"]}))
+    checked = list_shards(str(tmp_path / "checked"))
+    write_shards([("k", b"not checked", 0)], tmp_path / "unchecked")
+    unchecked = list_shards(str(tmp_path / "unchecked"))
     assert loader.resolve_backend("torch", checked) == "torch"
     monkeypatch.setattr(loader, "dali_available", lambda: False)
     assert loader.resolve_backend("auto", checked) == "torch"

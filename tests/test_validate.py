@@ -157,6 +157,10 @@ def test_check_indexes_only_what_decodes_and_both_loaders_skip_the_rest(
     assert len(good) == 32 and checked_with(shards) == {"pil", "dali"}
     assert loader.resolve_backend("auto", shards) == "dali" == loader.resolve_backend("dali", shards)
 
+    first = Path(shards[0])
+    assert main(["--index-only", str(first), "--no-progress"]) == 0  # re-indexing keeps the check's exclusions
+    assert first.with_suffix(".idx").read_text().startswith("v1.2 17\n")
+
     views = moco_views("v2", 16)
     dali = loader.two_view_batches("dali", shards, views, 8, 0, 1, 1, 0, 16, torch.device("cpu"))
     for _ in range(12):  # three epochs of the 32 good samples: no decode error stops the pipeline
@@ -218,3 +222,29 @@ def test_pretraining_streams_checked_damaged_shards_through_dali(
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]
     assert all(r["bad_samples"] == len(bad) for r in records)
+
+
+def test_a_shard_with_nothing_that_decodes_stays_listed_and_is_passed_over(
+    tmp_path: Path, demo_shards: dict[str, Path]
+) -> None:
+    pytest.importorskip("nvidia.dali")
+    with tarfile.open(sorted(demo_shards["val"].glob("*.tar"))[0]) as tar:
+        digits = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")][:8]
+    with tarfile.open(tmp_path / "0.tar", "w") as tar:  # nothing in it decodes
+        for i in range(2):
+            _add(tar, f"bad{i}.jpg", KINDS["garbage"](b""))
+    with tarfile.open(tmp_path / "1.tar", "w") as tar:
+        for i, jpeg in enumerate(digits):
+            _add(tar, f"good{i}.jpg", jpeg)
+            _add(tar, f"good{i}.cls", b"3")
+    assert main(["--index-only", str(tmp_path), "--check", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [(e["name"], e["samples"]) for e in manifest["shards"]] == [("0.tar", 0), ("1.tar", 8)]
+    shards = list_shards(str(tmp_path))
+    assert checked_with(shards) == {"pil", "dali"} and not (tmp_path / "0.idx").exists()
+    dali = loader.two_view_batches("dali", shards, moco_views("v2", 16), 4, 0, 1, 1, 0, 4, torch.device("cpu"))
+    assert dali.samples_per_epoch == 8 and dali.bad_samples == 2
+    labels = torch.cat([next(dali)[2] for _ in range(4)])
+    assert labels.tolist() == [3] * 16
+    torch_batches = two_view_loader(shards, moco_views("v2", 16), 4, 0, 1, workers=0, shuffle_buffer=4)
+    assert torch.cat([next(torch_batches)[2] for _ in range(4)]).tolist() == [3] * 16

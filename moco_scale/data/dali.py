@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
-from moco_scale.data.shards import IMAGE_EXTENSIONS, excluded_samples
+from moco_scale.data.shards import IMAGE_EXTENSIONS, excluded_samples, usable_shards
 
 if TYPE_CHECKING:
     from nvidia.dali.data_node import DataNode
@@ -125,6 +125,7 @@ def build_two_view_pipeline(
     """
     from nvidia.dali import fn, pipeline_def, types
 
+    shards = usable_shards(shards)
     out_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
     layout = "HWC" if channels_last else "CHW"
 

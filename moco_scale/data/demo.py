@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from moco_scale.data.shards import write_shards
+from moco_scale.data.validate import decoders
 
 DEMO_VERSION = "digits-v4"  # v4: every image checked with PIL and DALI (checked_with in the manifest)
 IMAGE_SIZE = 32
@@ -47,13 +48,13 @@ def ensure_demo_shards(root: Path | None = None) -> dict[str, Path]:
     """
     from sklearn.datasets import load_digits
 
-    root = (root or cache_root()) / DEMO_VERSION
+    root = (root or cache_root()) / f"{DEMO_VERSION}-{'-'.join(decoders())}"  # re-made once DALI is installed
     if (root / "train" / "manifest.json").is_file() and (root / "val" / "manifest.json").is_file():
         return {"train": root / "train", "val": root / "val"}
     digits = load_digits()
     images, labels = digits.images, digits.target
     train_n = len(images) - HELD_OUT
-    staging = root.parent / f".{DEMO_VERSION}.{os.getpid()}.tmp"
+    staging = root.parent / f".{root.name}.{os.getpid()}.tmp"
     names = [str(c) for c in range(10)]
     write_shards(_samples(images[:train_n], labels[:train_n], 0), staging / "train", 200, "train", names, check=True)
     write_shards(_samples(images[train_n:], labels[train_n:], train_n), staging / "val", 200, "val", names, check=True)

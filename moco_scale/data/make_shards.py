@@ -28,6 +28,8 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -37,6 +39,7 @@ from tqdm import tqdm
 from moco_scale.data.shards import (
     IMAGE_EXTENSIONS,
     DataError,
+    excluded_samples,
     list_shards,
     split_member,
     tar_samples,
@@ -46,7 +49,7 @@ from moco_scale.data.shards import (
 )
 from moco_scale.data.validate import decode_errors, decoders, pil_error
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
 JPEG_QUALITY = 95  # for re-encoded non-JPEG inputs
 LAYOUT_VERSION = 1  # part of the fingerprint: bump when the output for the same inputs changes
 
@@ -139,7 +142,7 @@ def _write_job(job: tuple[list[Input], str, list[str]]) -> tuple[int, list[dict[
             payloads[item.key] = jpeg_payload(item.path)
         except ValueError as e:  # does not decode
             errors[item.key] = str(e)
-        except OSError as e:  # cannot be read
+        except Exception as e:  # cannot be read, or re-encoded: anything a broken file makes PIL raise
             errors[item.key] = f"{type(e).__name__}: {e}"
     stricter = [d for d in with_decoders if d != "pil"]  # jpeg_payload has decoded each one with PIL
     for key, error in zip(payloads, decode_errors(list(payloads.values()), stricter), strict=True):
@@ -164,13 +167,20 @@ def _parallel(
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=sum(weights), unit=unit, disable=not progress))
         if min(workers, len(jobs)) > 1:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))))
-            mapped = pool.imap(function, jobs)
+            spawn = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(jobs)), mp_context=spawn))
+            mapped = pool.map(function, jobs)
         else:
             mapped = map(function, jobs)
-        for result, weight in zip(mapped, weights, strict=True):
-            results.append(result)
-            bar.update(weight)
+        try:
+            for result, weight in zip(mapped, weights, strict=True):
+                results.append(result)
+                bar.update(weight)
+        except BrokenProcessPool:
+            raise DataError(
+                f"a worker process died (a decoder crash?) after {len(results)} of {len(jobs)} {unit}s; "
+                "--workers 1 shows where"
+            ) from None
     return results
 
 
@@ -288,9 +298,16 @@ def make_shards(
 
 
 def index_shards(path: str, workers: int = 1, progress: bool = True) -> list[Path]:
-    """Write the ``.idx`` beside each shard of a folder, a glob or a single shard; returns the index files."""
+    """Write the ``.idx`` beside each shard of a folder, a glob or a single shard, leaving out the samples
+    that a shard check listed as bad; returns the index files."""
     shards = list_shards(path)
-    return _parallel(write_index, shards, [1] * len(shards), "shard", workers, progress)
+    jobs = list(excluded_samples(shards).items())
+    return _parallel(_index_job, jobs, [1] * len(shards), "shard", workers, progress)
+
+
+def _index_job(job: tuple[str, frozenset[str]]) -> Path:
+    shard, excluded = job
+    return write_index(shard, samples=[sample for sample in tar_samples(shard) if sample[0] not in excluded])
 
 
 def _check_job(job: tuple[str, list[str]]) -> tuple[int, list[dict[str, str]]]:
@@ -317,7 +334,7 @@ def _check_job(job: tuple[str, list[str]]) -> tuple[int, list[dict[str, str]]]:
     kept = [(key, members) for key, members in samples if key not in errors]
     if kept:
         write_index(shard, samples=kept)
-    else:
+    else:  # listed with 0 samples: the loaders pass over it
         Path(shard).with_suffix(".idx").unlink(missing_ok=True)
     name = Path(shard).name
     return len(kept), [{"shard": name, "key": key, "error": errors[key]} for key, _ in samples if key in errors]
@@ -335,9 +352,10 @@ def check_shards(path: str, workers: int = 1, progress: bool = True) -> list[dic
         checked = {Path(s).name: r for s, r in zip(shards, results, strict=True) if Path(s).parent == folder}
         old = _read_manifest(folder) or {}
         others = [e for e in old.get("shards", []) if e["name"] not in checked]
-        listed = [(e["name"], e["samples"]) for e in others] + [(n, kept) for n, (kept, _) in checked.items() if kept]
+        listed = [(e["name"], e["samples"]) for e in others] + [(n, kept) for n, (kept, _) in checked.items()]
         trusted = set(old.get("checked_with", ())) if others else set(with_decoders)
-        kept_extra = {k: v for k, v in old.items() if k not in {"shards", "samples", "class_names", "checked_with"}}
+        replaced = {"shards", "samples", "class_names", "checked_with", "decode_checked"}  # the last: older manifests
+        kept_extra = {k: v for k, v in old.items() if k not in replaced}
         kept_extra["bad_samples"] = [e for e in old.get("bad_samples", []) if e.get("shard") not in checked] + [
             entry for _, bad in checked.values() for entry in bad
         ]
@@ -396,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.index_only and args.check:
             manifests = check_shards(args.index_only, args.workers, not args.no_progress)
             kept = sum(m["samples"] for m in manifests)
-            left_out = sum(len(m["bad_samples"]) for m in manifests)
+            left_out = sum("shard" in e for m in manifests for e in m["bad_samples"])
             print(f"indexed {kept} samples that decode; {left_out} left out (bad_samples in manifest.json)")
         elif args.index_only:
             written = index_shards(args.index_only, args.workers, not args.no_progress)

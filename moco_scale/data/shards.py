@@ -184,6 +184,20 @@ def checked_with(shards: list[str]) -> set[str]:
     return set.intersection(*found) if found else set()
 
 
+def usable_shards(shards: list[str]) -> list[str]:
+    """``shards`` but those that a manifest lists with no sample (a shard check found none that decodes)."""
+    empty = {
+        str(folder / entry["name"])
+        for folder, content in _manifests(shards).items()
+        for entry in content["shards"]
+        if entry["samples"] == 0
+    }
+    usable = [s for s in shards if str(Path(s)) not in empty]
+    if not usable:
+        raise DataError(f"no shard of {shards[0]}... holds a sample that decodes (see bad_samples in manifest.json)")
+    return usable
+
+
 def excluded_samples(shards: list[str]) -> dict[str, frozenset[str]]:
     """The keys a shard check left out of each shard's index (``bad_samples`` with a ``shard``), by shard."""
     excluded: dict[str, set[str]] = {}
