@@ -55,3 +55,25 @@ def test_overlapped_average_equals_plain_all_reduce(attach: bool) -> None:
 @pytest.mark.parametrize("attach", [False, True])
 def test_many_buckets_and_a_layer_left_out(attach: bool) -> None:
     run_ranks(_averages_like_a_plain_all_reduce, 2, 0.0005, 4, attach)  # ~500 bytes: a bucket per parameter or two
+
+
+def _mixed_dtypes(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2).double())
+    reference = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2).double())
+    reference.load_state_dict(model.state_dict())
+    averager = OverlappedGradientAverager(list(model.parameters()))
+    assert [{p.dtype for p in bucket} for bucket in averager.buckets] == [{torch.float64}, {torch.float32}]
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))
+    averager.attach()
+    model[1](model[0](x).double()).sum().backward()
+    averager.wait()
+    reference[1](reference[0](x).double()).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        expected = q.grad.clone()
+        dist.all_reduce(expected)
+        torch.testing.assert_close(p.grad, expected / world, msg=name)
+
+
+def test_parameters_of_another_dtype_get_their_own_bucket() -> None:
+    run_ranks(_mixed_dtypes, 2)

@@ -1,7 +1,7 @@
 """Gradient averaging across ranks that overlaps the backward pass, for unsharded (ZeRO-0) training.
 
-Parameters are grouped into buckets of about ``bucket_mb`` in reverse registration order (roughly
-the order backward produces their gradients); each bucket has one persistent flat buffer, and every
+Parameters are grouped into buckets of about ``bucket_mb`` (and of one dtype and device) in reverse
+registration order (roughly the order backward produces their gradients); each bucket has one persistent flat buffer, and every
 gradient is a view into its bucket's buffer (as DDP's ``gradient_as_bucket_view``): :meth:`attach`
 zeroes the buffers and points ``param.grad`` at the views before backward, so autograd accumulates
 straight into them and no gradient exists twice. When the last gradient of a bucket has been
@@ -34,7 +34,9 @@ class OverlappedGradientAverager:
         self.buckets: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in reversed(params):
-            if self.buckets[-1] and size + p.numel() * p.element_size() > cap:
+            bucket = self.buckets[-1]
+            full = size + p.numel() * p.element_size() > cap
+            if bucket and (full or (p.dtype, p.device) != (bucket[0].dtype, bucket[0].device)):
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(p)
