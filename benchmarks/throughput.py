@@ -51,6 +51,7 @@ import torch.multiprocessing as mp
 from moco_scale import profiling
 from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, validate
 from moco_scale.dist.comm import free_port, init_distributed, set_local_rank_env
+from moco_scale.engine.base import COMPUTE_DTYPES
 
 try:
     from benchmarks._common import environment, format_table, median, spread, time_interleaved, write_json
@@ -222,7 +223,7 @@ def rank_methods(args: argparse.Namespace, cfg: Config, rank: int, world: int) -
             cfg.data.shuffle_buffer,
             ctx.device,
             channels_last,
-            launcher.VIEW_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
+            COMPUTE_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
         )
 
         def e2e_step() -> None:

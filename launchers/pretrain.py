@@ -31,7 +31,7 @@ from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import remap_state, resolve_backend, two_view_batches
 from moco_scale.data.shards import DataError, count_samples, list_shards
 from moco_scale.dist.comm import DistInfo, init_distributed
-from moco_scale.engine.base import TrainEngine
+from moco_scale.engine.base import COMPUTE_DTYPES, TrainEngine
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.eval.knn import KnnMonitor
@@ -76,9 +76,6 @@ class StopRequest:
         flag = torch.tensor([float(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-VIEW_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the loader's output
 
 
 def uses_channels_last(cfg: Config, ctx: DistInfo) -> bool:
@@ -174,7 +171,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         cfg.data.shuffle_buffer,
         ctx.device,
         uses_channels_last(cfg, ctx),
-        VIEW_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
+        COMPUTE_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
         state=loader_state,
     )
     knn = None

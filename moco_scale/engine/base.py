@@ -10,6 +10,8 @@ from torch import nn
 
 from moco_scale.moco import MoCo, MocoOutput
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # engine.precision's
+
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]  # built on the parameters the backend trains
 
 

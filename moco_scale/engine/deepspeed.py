@@ -19,10 +19,9 @@ from torch import nn
 
 from moco_scale import profiling
 from moco_scale.dist.grad_sync import OverlappedGradientAverager
-from moco_scale.engine.base import OptimizerFactory, ShardedBackbone, TrainEngine
+from moco_scale.engine.base import COMPUTE_DTYPES, OptimizerFactory, ShardedBackbone, TrainEngine
 from moco_scale.moco import MoCo, MocoOutput
 
-AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 BUCKET_ELEMENTS = 10_000_000
 
 
@@ -56,8 +55,8 @@ def deepspeed_config(
             "stage3_prefetch_bucket_size": BUCKET_ELEMENTS,
             "stage3_max_live_parameters": BUCKET_ELEMENTS,
         }
-    if precision in AUTOCAST_DTYPES:
-        config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision]}
+    if precision != "fp32":
+        config["torch_autocast"] = {"enabled": True, "dtype": str(COMPUTE_DTYPES[precision]).removeprefix("torch.")}
     return config
 
 

@@ -25,10 +25,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from moco_scale import profiling
-from moco_scale.engine.base import OptimizerFactory, ShardedBackbone, TrainEngine
+from moco_scale.engine.base import COMPUTE_DTYPES, OptimizerFactory, ShardedBackbone, TrainEngine
 from moco_scale.moco import MoCo, MocoOutput
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -64,7 +63,7 @@ class FSDPEngine(TrainEngine):
         grad_clip: float = 0.0,
         backbone_factory: Callable[[], nn.Module] | None = None,
     ):
-        if precision not in ("fp32", *AUTOCAST_DTYPES):
+        if precision not in ("fp32", "bf16"):
             raise ValueError(f"the FSDP backend runs fp32 or bf16, not {precision!r}")
         device = next(model.parameters()).device
         # Single-process shuffle-BN (SplitBatchNorm) hands blocks a view; no block writes in place to
@@ -74,7 +73,7 @@ class FSDPEngine(TrainEngine):
         shard_moco(model, init_device_mesh(device.type, (torch.distributed.get_world_size(),)))
         model.use_local_shards(_local_shard)
         self.optimizer = make_optimizer(model)
-        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
+        self.autocast_dtype = None if precision == "fp32" else COMPUTE_DTYPES[precision]
         self.grad_clip = grad_clip
         self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
 
