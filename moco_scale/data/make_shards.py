@@ -302,12 +302,17 @@ def index_shards(path: str, workers: int = 1, progress: bool = True) -> list[Pat
     that a shard check listed as bad; returns the index files."""
     shards = list_shards(path)
     jobs = list(excluded_samples(shards).items())
-    return _parallel(_index_job, jobs, [1] * len(shards), "shard", workers, progress)
+    written = _parallel(_index_job, jobs, [1] * len(shards), "shard", workers, progress)
+    return [path for path in written if path is not None]
 
 
-def _index_job(job: tuple[str, frozenset[str]]) -> Path:
+def _index_job(job: tuple[str, frozenset[str]]) -> Path | None:
+    """Index one shard but for its ``excluded`` keys; None for a shard a check found nothing usable in."""
     shard, excluded = job
-    return write_index(shard, samples=[sample for sample in tar_samples(shard) if sample[0] not in excluded])
+    kept = [sample for sample in tar_samples(shard) if sample[0] not in excluded]
+    if excluded and not kept:
+        return None
+    return write_index(shard, samples=kept)
 
 
 def _check_job(job: tuple[str, list[str]]) -> tuple[int, list[dict[str, str]]]:
