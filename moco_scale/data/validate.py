@@ -149,13 +149,9 @@ def decode_errors(payloads: Sequence[bytes], with_decoders: Sequence[str] | None
     with_decoders = decoders() if with_decoders is None else with_decoders
     errors = [pil_error(p) if "pil" in with_decoders else None for p in payloads]
     if "dali" in with_decoders:
-        structure = [
-            jpeg_structure_error(p) if error is None else None for error, p in zip(errors, payloads, strict=True)
-        ]
-        errors = [
-            error or (f"broken JPEG: {broken}" if broken else None)
-            for error, broken in zip(errors, structure, strict=True)
-        ]
+        for i, payload in enumerate(payloads):
+            if errors[i] is None and (broken := jpeg_structure_error(payload)):
+                errors[i] = f"broken JPEG: {broken}"
         passed = [i for i, e in enumerate(errors) if e is None]
         for start in range(0, len(passed), CHUNK):
             chunk = passed[start : start + CHUNK]
