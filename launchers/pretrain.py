@@ -25,7 +25,15 @@ import torch
 import torch.distributed as dist
 
 from moco_scale import checkpoint
-from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, save_config, validate
+from moco_scale.config import (
+    Config,
+    ConfigError,
+    check_resumable,
+    load_config,
+    parse_cli_overrides,
+    save_config,
+    validate,
+)
 from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import remap_state, resolve_backend, two_view_batches
@@ -67,6 +75,7 @@ class StopRequest:
         self.requested = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+            signal.siginterrupt(sig, False)  # restart a system call it interrupts (a write of a checkpoint)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
@@ -131,8 +140,13 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
     return model, engine
 
 
+class Diverged(RuntimeError):
+    """``train.max_bad_steps`` non-finite steps in a row; the message is one line."""
+
+
 def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[str], resume_from: Path | None) -> None:
-    ctx = init_distributed(cfg.engine.device)
+    stop = StopRequest()  # first thing: from here on a signal ends in a checkpoint, not in a dead process
+    ctx = init_distributed(cfg.engine.device, cfg.engine.timeout_s)
     global_batch = cfg.train.batch_size * ctx.world_size
     num_samples = count_samples(shards)
     steps_per_epoch = math.ceil(num_samples / global_batch)
@@ -188,9 +202,11 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
             temperature=cfg.eval.knn_temperature,
             pin_memory=ctx.device.type == "cuda",
         )
-    stop = StopRequest()
+    saved_step = start_step
 
     def save(step: int) -> None:
+        nonlocal saved_step
+        saved_step = step
         checkpoint.save(
             engine,
             run_dir,
@@ -219,6 +235,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
     timer = StageTimer(ctx.device)  # times the last step of each log window, stage by stage
     model.train()
     window_start, window_steps = time.perf_counter(), 0
+    skipped_steps = bad_in_row = 0
     for step in range(start_step, total_steps):
         log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or knn_due(step + 1)
         with timer, timer.step() if log_now else contextlib.nullcontext():
@@ -228,7 +245,16 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
                 view2 = view2.to(ctx.device, non_blocking=True, memory_format=memory_format)
             lr = learning_rate(step, total_steps, peak_lr, warmup_steps, cfg.optim.schedule, cfg.optim.step_milestones)
             momentum = key_momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
-            out = engine.train_step(view1, view2, lr=lr, momentum=momentum, step=step)
+            out = engine.train_step(view1, view2, lr=lr, momentum=momentum, step=step, stop_requested=stop.requested)
+        if out.skipped:  # nothing non-finite reached the weights, the key encoder or the queue
+            skipped_steps, bad_in_row = skipped_steps + 1, bad_in_row + 1
+            if bad_in_row >= cfg.train.max_bad_steps:
+                raise Diverged(
+                    f"{bad_in_row} non-finite steps in a row (steps {step + 2 - bad_in_row}-{step + 1}; loss "
+                    f"{out.loss.item()}); nothing saved: lower optim.base_lr, or resume from the last checkpoint"
+                )
+        else:
+            bad_in_row = 0
         logger.advance()
         window_steps += 1
         if log_now:
@@ -246,6 +272,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
                     "lr": lr,
                     "momentum": momentum,
                     "pairs_per_s": window_steps * global_batch / elapsed,
+                    "skipped_steps": skipped_steps,
                     **({"bad_samples": batches.bad_samples} if hasattr(batches, "bad_samples") else {}),
                     **{f"{STAGE_PREFIX}{stage}": ms for stage, ms in timer.pop_means().items()},
                     **({"knn_top1": knn(engine.query_backbone())} if knn_due(step + 1) else {}),
@@ -253,13 +280,18 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
             )
             window_start, window_steps = time.perf_counter(), 0
         every = cfg.checkpoint.every_steps
-        if stop.agreed(ctx.device):
+        if out.stop:
             save(step + 1)
             if ctx.is_main:
                 print(f"stopped by signal after step {step + 1}; checkpoint saved", flush=True)
             break
         if every and ((step + 1) % every == 0 or step + 1 == total_steps):
             save(step + 1)
+    else:  # a signal during the last evaluation or save, or before a run with nothing left to do
+        if stop.agreed(ctx.device) and saved_step != total_steps:
+            save(total_steps)
+            if ctx.is_main:
+                print(f"stopped by signal after step {total_steps}; checkpoint saved", flush=True)
     summary = logger.close()
     if ctx.is_main:
         print(f"{summary}; plots: {', '.join(map(str, plot_run(run_dir)))}", flush=True)
@@ -277,10 +309,18 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         shards, knn_bank, knn_val = resolve_shards(cfg)
         resolve_backend(cfg.data.backend, shards)
         resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir, world_size)
+        if resume_from is not None:
+            check_resumable(checkpoint.read_meta(resume_from).get("config", {}), cfg, str(resume_from))
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    pretrain(cfg, shards, knn_bank, knn_val, resume_from)
+    try:
+        pretrain(cfg, shards, knn_bank, knn_val, resume_from)
+    except Diverged as err:  # every rank agreed on it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
     progress: bool = True
+    max_bad_steps: int = 10  # stop (non-zero exit, no save) after this many non-finite steps in a row
 
 
 @dataclass
@@ -89,6 +90,7 @@ class EngineConfig:
     zero_stage: int = 0  # deepspeed: 0-3 (3 shards the parameters, as fsdp does)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cuda_graph_ema: bool = True
+    timeout_s: int = 600  # collectives: a rank that died or hangs ends the job after this long (NCCL, gloo)
 
     def resolved_precision(self, device_type: str) -> str:
         """``precision`` on a device of ``device_type``: ``auto`` is bf16 on a GPU and fp32 on the CPU (bf16
@@ -104,6 +106,7 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = ""  # "": start fresh; "auto": from <run_dir>/checkpoints/latest if any; or a checkpoint path
+    allow_changes: tuple[str, ...] = ()  # fields that may differ from the checkpoint's config (see RESUMABLE_CHANGES)
 
 
 @dataclass
@@ -132,7 +135,19 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+FIELDS = tuple(
+    f"{section.name}.{f.name}"
+    for section in dataclasses.fields(Config)
+    for f in dataclasses.fields(section.default_factory)
+)
 ARCHS = tuple(RESNET_SPECS)
+# What a resumed run may change without breaking its exact continuation: where it writes, how it logs and
+# evaluates, how it checkpoints, and how long it waits. Any other field must match the checkpoint's config
+# unless named in checkpoint.allow_changes. (The world size may change too: the checkpoint is re-cut.)
+RESUMABLE_CHANGES = frozenset(
+    {"train.run_dir", "train.log_every", "train.progress", "train.max_bad_steps", "engine.timeout_s"}
+    | {name for name in FIELDS if name.startswith(("checkpoint.", "eval."))}
+)
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -149,6 +164,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)}")
         return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
@@ -180,6 +197,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a finite number, got {value!r}")
         return number
     if annotation is str:
+        if value is None or isinstance(value, (bool, list, tuple, dict)):
+            raise ConfigError(f"{name}: expected text, got {'null' if value is None else repr(value)}")
         return str(value)
     raise TypeError(f"unsupported config annotation {annotation!r} for {name}")
 
@@ -261,6 +280,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "eval.batch_size": cfg.eval.batch_size,
         "eval.knn_k": cfg.eval.knn_k,
         "eval.knn_temperature": cfg.eval.knn_temperature,
+        "train.max_bad_steps": t.max_bad_steps,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -276,12 +296,29 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "eval.every_steps": cfg.eval.every_steps,
+        "train.seed": t.seed,
+        "data.seed": cfg.data.seed,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
     }
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
-    if not 0.0 <= m.momentum < 1.0:
-        raise ConfigError(f"moco.momentum must be in [0, 1), got {m.momentum}")
+    in_unit_interval = {
+        "moco.momentum": m.momentum,
+        "optim.momentum": o.momentum,
+        "optim.betas[0]": o.betas[0],
+        "optim.betas[1]": o.betas[1],
+    }
+    for name, value in in_unit_interval.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    if o.trust_coefficient <= 0:
+        raise ConfigError(f"optim.trust_coefficient must be > 0, got {o.trust_coefficient}")
+    if cfg.engine.timeout_s < 1:
+        raise ConfigError(f"engine.timeout_s must be >= 1, got {cfg.engine.timeout_s}")
+    for name in cfg.checkpoint.allow_changes:
+        if name not in FIELDS:
+            raise ConfigError(f"checkpoint.allow_changes: unknown field {name!r}")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
     if cfg.engine.backend == "fsdp" and cfg.engine.zero_stage:
@@ -317,6 +354,40 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"train.batch_size={t.batch_size} is not divisible by moco.bn_groups={m.bn_groups} "
                 "(single-process shuffle-BN splits the batch into that many groups)"
             )
+
+
+def changed_fields(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The fields whose value in ``cfg`` differs from ``saved`` (a checkpoint's ``Config.to_dict()``), but for
+    :data:`RESUMABLE_CHANGES`. Fields the checkpoint's version of moco_scale did not have count as unchanged."""
+    current = _plain(cfg.to_dict())
+    changed = []
+    for name in FIELDS:
+        if name in RESUMABLE_CHANGES:
+            continue
+        section, field_name = name.split(".")
+        old = saved.get(section, {}).get(field_name, current[section][field_name])
+        if _plain(old) != current[section][field_name]:
+            changed.append(name)
+    return changed
+
+
+def check_resumable(saved: dict[str, Any], cfg: Config, source: str) -> None:
+    """A one-line :class:`ConfigError` when ``cfg`` changes a field of the checkpoint's config (``saved``) that
+    exact continuation depends on, unless ``checkpoint.allow_changes`` names it."""
+    refused = [name for name in changed_fields(saved, cfg) if name not in cfg.checkpoint.allow_changes]
+    if refused:
+        shown = ", ".join(
+            f"{name} ({_lookup(saved, name)!r} -> {_lookup(_plain(cfg.to_dict()), name)!r})" for name in refused
+        )
+        raise ConfigError(
+            f"{source} was written with other values of {shown}; resuming would not continue that run exactly: "
+            f"restore them, or accept the change with --checkpoint.allow_changes={','.join(refused)}"
+        )
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    section, field_name = dotted.split(".")
+    return _plain(tree[section][field_name])
 
 
 def parse_cli_overrides(flags: dict[str, Any]) -> dict[str, Any]:

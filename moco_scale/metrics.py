@@ -36,12 +36,12 @@ class MetricsLogger:
         """Write one record (a dict with at least ``step``) and refresh the bar."""
         if not self.enabled:
             return
-        record = {"time": round(time.time(), 3), **record}
+        record = {"time": round(time.time(), 3), **{k: _json_number(v) for k, v in record.items()}}
         with self.path.open("a") as f:  # reopened each time: a crash loses at most the current line
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         self.last = record
         shown = {k: record[k] for k in ("loss", "inst_acc", "lr", "pairs_per_s", "knn_top1") if k in record}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        self.bar.set_postfix({k: "nan" if v is None else f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def warn(self, message: str) -> None:
         """A one-line warning on stderr that does not break the progress bar (rank 0 only)."""
@@ -61,6 +61,11 @@ class MetricsLogger:
             if k not in ("time", "step") and not k.startswith("ms_") and isinstance(v, float)  # ms_: in the plot
         )
         return f"done: {self.last.get('step', 0)} steps in {elapsed:.1f}s; last {last}; metrics in {self.path}"
+
+
+def _json_number(value: Any) -> Any:
+    """JSON has no NaN or infinity: a non-finite float is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def chance_loss(version: str, queue_size: int, global_batch: int, temperature: float) -> float:

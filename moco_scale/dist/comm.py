@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -60,9 +61,10 @@ def resolve_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_preference: str = "auto") -> DistInfo:
+def init_distributed(device_preference: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Join the process group described by the launcher's environment (deepspeed, torchrun),
-    or form a group of one for a plain ``python`` run."""
+    or form a group of one for a plain ``python`` run. ``timeout_s`` bounds every collective: a rank
+    that died or hangs ends the others' wait with an error after that long (None: the backend's default)."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -84,6 +86,7 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
             rank=rank,
             world_size=world,
             device_id=device if device.type == "cuda" else None,
+            timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s),
         )
     return DistInfo(rank, world, local_rank, local_world, device)
 

@@ -11,7 +11,31 @@ from torch import nn
 from moco_scale.dist.comm import all_gather_concat, all_gather_with_grad, all_reduce_sum_with_grad, rank, world_size
 
 
-class KeyQueue(nn.Module):
+class _Ring(nn.Module):
+    """A FIFO ring of keys with a write pointer (buffer ``ptr``), whose last write can be undone: a skipped
+    step takes its keys back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._undo: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _write(self, ring: torch.Tensor, keys: torch.Tensor) -> None:
+        """Write ``keys`` into ``ring`` at the pointer, wrapping around, and advance it."""
+        slots = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % ring.shape[0]
+        self._undo = (ring, slots, ring[slots], self.ptr.clone())
+        ring.index_copy_(0, slots, keys)
+        self.ptr.copy_((self.ptr + keys.shape[0]) % ring.shape[0])
+
+    def undo_enqueue(self) -> None:
+        """Put back the keys and the pointer that the last enqueue overwrote (once)."""
+        if self._undo is not None:
+            ring, slots, overwritten, ptr = self._undo
+            ring.index_copy_(0, slots, overwritten)
+            self.ptr.copy_(ptr)
+            self._undo = None
+
+
+class KeyQueue(_Ring):
     """A ring buffer of ``size`` L2-normalised keys of width ``dim``.
 
     Every rank enqueues the keys gathered from all ranks in rank order, so the queues stay
@@ -35,9 +59,7 @@ class KeyQueue(nn.Module):
         keys = all_gather_concat(local_keys.detach().to(self.keys.dtype))
         if keys.shape[0] > self.size:
             raise ValueError(f"global batch of {keys.shape[0]} keys exceeds the queue size {self.size}")
-        slots = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.size
-        self.keys.index_copy_(0, slots, keys)
-        self.ptr.copy_((self.ptr + keys.shape[0]) % self.size)
+        self._write(self.keys, keys)
 
 
 def distributed_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +77,7 @@ def distributed_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return row_max + all_reduce_sum_with_grad(partial).log(), row_max
 
 
-class ShardedKeyQueue(nn.Module):
+class ShardedKeyQueue(_Ring):
     """The K-key dictionary cut into W slices: each rank holds ``size / world_size`` keys.
 
     Each rank enqueues only its own keys into its own slice (no gather), so slice r is a FIFO of
@@ -94,9 +116,7 @@ class ShardedKeyQueue(nn.Module):
         slice_size = self.shard.shape[0]
         if keys.shape[0] > slice_size:
             raise ValueError(f"batch of {keys.shape[0]} keys exceeds this rank's queue slice of {slice_size}")
-        slots = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % slice_size
-        self.shard.index_copy_(0, slots, keys)
-        self.ptr.copy_((self.ptr + keys.shape[0]) % slice_size)
+        self._write(self.shard, keys)
 
     def info_nce(self, q: torch.Tensor, k: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of each query's positive key ``k`` against the K queued keys of all ranks,

@@ -2,17 +2,77 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from moco_scale.moco import MoCo, MocoOutput
+from moco_scale.moco import MoCo
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # engine.precision's
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]  # built on the parameters the backend trains
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor
+    inst_acc: torch.Tensor
+    skipped: bool  # some rank's loss or gradient was not finite: no optimizer step, running statistics kept
+    stop: bool  # some rank was asked to stop (a signal): every rank finishes this step, then saves
+
+
+def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: whether any of ``tensors`` holds a NaN or infinity, or is so large that its norm
+    overflows (one multi-tensor op, no host sync)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
+
+
+def agree(nonfinite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """Whether any rank saw a non-finite step, and whether any rank was asked to stop: one all-reduce
+    of two flags, the only host sync a step makes."""
+    flags = torch.stack([nonfinite.float(), nonfinite.new_tensor(float(stop_requested), dtype=torch.float32)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    skipped, stop = flags.tolist()
+    return skipped > 0, stop > 0
+
+
+@contextlib.contextmanager
+def optimizer_step_skipped(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Within, ``optimizer.step()`` does nothing: a backend's own step (DeepSpeed's) then runs its usual
+    bookkeeping (zeroing gradients, copying unchanged master weights back) but changes no weight or state."""
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+class StepRollback:
+    """What a skipped step must take back: the running statistics (BN buffers of both encoders and the
+    predictor, copied before the step) and the keys the step put into the queue."""
+
+    def __init__(self, model: MoCo):
+        self.model = model
+        self.saved: list[torch.Tensor] = []
+
+    def _statistics(self) -> list[torch.Tensor]:
+        return [b for name, b in self.model.named_buffers() if not name.startswith("queue.")]
+
+    def save(self) -> None:
+        """Before the step."""
+        self.saved = [b.clone() for b in self._statistics()]
+
+    def apply(self) -> None:
+        """After a skipped step."""
+        torch._foreach_copy_(self._statistics(), self.saved)
+        if self.model.queue is not None:
+            self.model.queue.undo_enqueue()
 
 
 class TrainEngine(ABC):
@@ -23,9 +83,20 @@ class TrainEngine(ABC):
 
     @abstractmethod
     def train_step(
-        self, view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float, step: int
-    ) -> MocoOutput:
-        """One forward, backward and optimizer step at learning rate ``lr`` and key momentum ``momentum``."""
+        self,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        *,
+        lr: float,
+        momentum: float,
+        step: int,
+        stop_requested: bool = False,
+    ) -> StepResult:
+        """One forward, backward and optimizer step at learning rate ``lr`` and key momentum ``momentum``.
+
+        Between backward and the optimizer step the ranks agree (:func:`agree`) on whether the step is
+        finite everywhere, and on whether any rank has ``stop_requested``. A non-finite step is skipped
+        on every rank: no optimizer step, and the running statistics are restored."""
 
     @abstractmethod
     def save_checkpoint(self, save_dir: str, tag: str) -> None:

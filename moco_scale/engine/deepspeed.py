@@ -19,7 +19,17 @@ from torch import nn
 
 from moco_scale import profiling
 from moco_scale.dist.grad_sync import OverlappedGradientAverager
-from moco_scale.engine.base import COMPUTE_DTYPES, OptimizerFactory, ShardedBackbone, TrainEngine
+from moco_scale.engine.base import (
+    COMPUTE_DTYPES,
+    OptimizerFactory,
+    ShardedBackbone,
+    StepResult,
+    StepRollback,
+    TrainEngine,
+    agree,
+    any_nonfinite,
+    optimizer_step_skipped,
+)
 from moco_scale.moco import MoCo, MocoOutput
 
 BUCKET_ELEMENTS = 10_000_000
@@ -109,6 +119,26 @@ def _skip_cpu_shm_all_reduce() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+class GradientWatch:
+    """Notes whether any gradient that reaches the trainable parameters is non-finite, from a hook on each
+    parameter: under ZeRO 1-3 DeepSpeed moves the gradients into its own partitioned buffers during
+    backward, so they cannot be read afterwards through the parameters. One norm per gradient, no sync."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.norms: list[torch.Tensor] = []
+        for param in params:
+            param.register_hook(self._observe)
+
+    def _observe(self, grad: torch.Tensor) -> None:
+        self.norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
+
+    def pop_nonfinite(self) -> torch.Tensor:
+        """Whether any gradient since the last call was non-finite; forgets them."""
+        nonfinite = any_nonfinite(self.norms)
+        self.norms = []
+        return nonfinite
+
+
 class DeepSpeedEngine(TrainEngine):
     """Wraps :class:`MoCo` in ``deepspeed.initialize``; only the query side has trainable parameters.
 
@@ -137,14 +167,20 @@ class DeepSpeedEngine(TrainEngine):
             _skip_cpu_shm_all_reduce()
         self.model = model
         self.config = deepspeed_config(precision, zero_stage, micro_batch, world_size, grad_clip)
+        self.base_optimizer = make_optimizer(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model), config=self.config
+            model=model, optimizer=self.base_optimizer, config=self.config
         )
+        self.step_rollback = StepRollback(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # fp16's loss scaler skips the steps whose scaled gradients overflow by itself; the loss is still checked.
+        self.check_gradients = precision != "fp16"
+        self._watch = GradientWatch(trainable) if zero_stage and self.check_gradients else None
         self._gradients: OverlappedGradientAverager | None = None
         if zero_stage == 0:  # DeepSpeed would reduce after backward, flattening every gradient each step
             self.engine.enable_backward_allreduce = False
             if world_size > 1:
-                self._gradients = OverlappedGradientAverager([p for p in model.parameters() if p.requires_grad])
+                self._gradients = OverlappedGradientAverager(trainable)
         self.sharded_parameters = zero_stage == 3
         self.reshardable = not self.sharded_parameters
         self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
@@ -152,10 +188,18 @@ class DeepSpeedEngine(TrainEngine):
             model.use_local_shards(lambda param: param.ds_tensor)
 
     def train_step(
-        self, view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float, step: int
-    ) -> MocoOutput:
+        self,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        *,
+        lr: float,
+        momentum: float,
+        step: int,
+        stop_requested: bool = False,
+    ) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.step_rollback.save()
         if self.sharded_parameters:  # before ZeRO-3 prefetches the key encoder's old parameters
             self.model.momentum_update(momentum, buffers=False)
         out: MocoOutput = self.engine(view1, view2, momentum=momentum, step=step)
@@ -167,9 +211,22 @@ class DeepSpeedEngine(TrainEngine):
         if self._gradients is not None:  # what is left of the reductions that overlapped the backward
             with profiling.stage("comm"):
                 self._gradients.wait()
+        skipped, stop = agree(~torch.isfinite(out.loss.detach()) | self._nonfinite_gradients(), stop_requested)
         with profiling.stage("optimizer"):
-            self.engine.step()
-        return MocoOutput(out.loss.detach(), out.inst_acc.detach())
+            if skipped:
+                self.step_rollback.apply()
+                with optimizer_step_skipped(self.base_optimizer):
+                    self.engine.step()
+            else:
+                self.engine.step()
+        return StepResult(out.loss.detach(), out.inst_acc.detach(), skipped, stop)
+
+    def _nonfinite_gradients(self) -> torch.Tensor:
+        if self._watch is not None:
+            return self._watch.pop_nonfinite()
+        if not self.check_gradients:
+            return torch.zeros((), dtype=torch.bool)
+        return any_nonfinite([p.grad for p in self.model.parameters() if p.grad is not None])
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
         """fp16's loss scaler, which DeepSpeed's ``torch_autocast`` mode keeps but does not checkpoint."""
