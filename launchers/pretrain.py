@@ -246,15 +246,8 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
             lr = learning_rate(step, total_steps, peak_lr, warmup_steps, cfg.optim.schedule, cfg.optim.step_milestones)
             momentum = key_momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
             out = engine.train_step(view1, view2, lr=lr, momentum=momentum, step=step, stop_requested=stop.requested)
-        if out.skipped:  # nothing non-finite reached the weights, the key encoder or the queue
-            skipped_steps, bad_in_row = skipped_steps + 1, bad_in_row + 1
-            if bad_in_row >= cfg.train.max_bad_steps:
-                raise Diverged(
-                    f"{bad_in_row} non-finite steps in a row (steps {step + 2 - bad_in_row}-{step + 1}; loss "
-                    f"{out.loss.item()}); nothing saved: lower optim.base_lr, or resume from the last checkpoint"
-                )
-        else:
-            bad_in_row = 0
+        # A skipped step changed nothing that a checkpoint holds but the key encoder's momentum update.
+        skipped_steps, bad_in_row = skipped_steps + out.skipped, (bad_in_row + 1) if out.skipped else 0
         logger.advance()
         window_steps += 1
         if log_now:
@@ -279,6 +272,12 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
                 }
             )
             window_start, window_steps = time.perf_counter(), 0
+        if bad_in_row >= cfg.train.max_bad_steps:
+            logger.close()  # the error line must not land inside the progress bar
+            raise Diverged(
+                f"{bad_in_row} non-finite steps in a row (steps {step + 2 - bad_in_row}-{step + 1}; loss "
+                f"{out.loss.item()}); nothing saved: lower optim.base_lr, or resume from the last checkpoint"
+            )
         every = cfg.checkpoint.every_steps
         if out.stop:
             save(step + 1)
@@ -311,6 +310,7 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir, world_size)
         if resume_from is not None:
             check_resumable(checkpoint.read_meta(resume_from).get("config", {}), cfg, str(resume_from))
+        checkpoint.set_aside_newer(resume_from, cfg.train.run_dir)  # rank 0 only; see its docstring
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

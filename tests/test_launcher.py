@@ -15,6 +15,7 @@ import pytest
 import torch.distributed as dist
 import yaml
 
+from moco_scale import checkpoint
 from moco_scale.data.dali import dali_available
 from moco_scale.data.shards import write_shards
 from moco_scale.dist.comm import free_port
@@ -58,6 +59,16 @@ def _bad_inputs(tmp: Path) -> list[tuple[dict, str]]:
         ({"engine.backend": "fsdp", "engine.precision": "fp16"}, "engine.backend=fsdp runs fp32 or bf16"),
         ({"engine.backend": "fsdp", "engine.zero_stage": 2}, "engine.zero_stage is for engine.backend=deepspeed"),
         ({"optim.name": "lars", "engine.zero_stage": 1}, "optim.name=lars needs whole parameters"),
+        ({"train.seed": -1}, "train.seed must be >= 0, got -1"),
+        ({"data.seed": -3}, "data.seed must be >= 0, got -3"),
+        ({"data.shuffle_buffer": -1}, "data.shuffle_buffer must be >= 0, got -1"),
+        ({"optim.momentum": 1.0}, r"optim.momentum must be in \[0, 1\), got 1.0"),
+        ({"optim.betas": "0.9,1.2"}, r"optim.betas\[1\] must be in \[0, 1\), got 1.2"),
+        ({"optim.trust_coefficient": 0}, "optim.trust_coefficient must be > 0, got 0"),
+        ({"train.max_bad_steps": 0}, "train.max_bad_steps must be > 0, got 0"),
+        ({"engine.timeout_s": 0}, "engine.timeout_s must be >= 1, got 0"),
+        ({"data.path": None}, "data.path: expected text, got null"),
+        ({"checkpoint.allow_changes": "train.batchsize"}, "checkpoint.allow_changes: unknown field 'train.batchsize'"),
     ]
 
 
@@ -230,3 +241,34 @@ def test_two_nodes_over_loopback(tmp_path: Path) -> None:
     assert "pretraining on 2 ranks (2 nodes x 1, cpu): global batch 64" in outputs[0]
     records = _check_outputs(run_dir, 4, outputs[0])
     assert [r["step"] for r in records] == [2, 4]
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_without_saving(tmp_path: Path) -> None:
+    """An absurd learning rate: the first step blows the weights up, every later step is non-finite and
+    skipped, and after train.max_bad_steps of them in a row the run ends in one line, exit 3, nothing saved."""
+    run_dir = tmp_path / "run"
+    result = _run(
+        [
+            sys.executable,
+            str(LAUNCHER),
+            "--config",
+            str(DEMO),
+            "--optim.base_lr=1e30",
+            "--optim.warmup_steps=0",
+            "--train.max_steps=20",
+            "--train.max_bad_steps=3",
+            "--train.log_every=1",
+            "--checkpoint.every_steps=10",
+            "--eval.every_steps=0",
+            f"--train.run_dir={run_dir}",
+        ],
+        timeout=600,
+    )
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "3 non-finite steps in a row" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not list(checkpoint.checkpoint_root(run_dir).glob("step_*"))
+    records = _metrics(run_dir)  # valid JSON throughout: NaN is written as null
+    assert records[-1]["loss"] is None and records[-1]["skipped_steps"] == 3, records[-1]
