@@ -11,18 +11,35 @@ Layout under ``<run_dir>/checkpoints/``::
                             moco.shard_queue its slice of the queue, which the engine's files,
                             holding rank 0's buffers, cannot hold)
     latest                  the tag of the newest complete checkpoint
+    set_aside/step_00000200-1767225600/step_00000300/, ...
+                            checkpoints newer than the one a run resumed from (a roll-back with
+                            ``checkpoint.resume=<run>/checkpoints/step_00000200``, or ones skipped as
+                            damaged), moved there at the start of that run (named after the checkpoint
+                            resumed and the Unix time), never deleted by moco_scale
 
-A checkpoint is written under ``<tag>.partial`` and renamed only after every rank has finished
-writing it, then ``latest`` is replaced atomically, so a crash during a save leaves the previous
-checkpoint loadable. (Across nodes this needs ``run_dir`` on a shared file system.)
+No checkpoint is lost. A checkpoint is written under ``<tag>.partial``; every rank flushes (fsync)
+the files it wrote, rank 0 checks that it sees every rank's file (``run_dir`` must be on a file
+system all ranks share), flushes the folder, renames it to ``<tag>`` and replaces ``latest``
+atomically, so a crash during a save leaves the previous checkpoint loadable. Pruning
+(``keep_last``, ``keep_every``) removes only checkpoints older than the one just written. A fresh
+run (``resume=""``) refuses a run directory that holds checkpoints, as does a run resuming another
+run's checkpoint there; ``resume=auto`` that finds checkpoints but none loadable is an error naming
+what is wrong with each; only an empty or missing ``checkpoints`` folder starts afresh.
+
+No code runs from a checkpoint's rank files: they hold tensors and plain values only (the numpy
+RNG state as a tensor and ints), and are read with ``torch.load(weights_only=True)``. DeepSpeed's
+and torch.distributed.checkpoint's own readers unpickle their files fully, so resume only
+checkpoints from a trusted source.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,8 +49,12 @@ import torch
 import torch.distributed as dist
 
 from moco_scale.dist.queue import ShardedKeyQueue
+from moco_scale.fileio import fsync_dir, fsync_file, write_atomically
 
 LATEST = "latest"
+SET_ASIDE = "set_aside"
+VISIBILITY_WAIT_S = 5.0  # how long rank 0 waits for the other ranks' files to appear (attribute caches)
+_MESSAGE_BYTES = 4096
 
 
 class CheckpointError(ValueError):
@@ -45,7 +66,16 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python's, numpy's and torch's RNG states as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {
+        "kind": str(kind),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,10 +83,59 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        keys = numpy_state["keys"].numpy().astype(np.uint32)
+        numpy_state = (numpy_state["kind"], keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"])
+    np.random.set_state(numpy_state)  # a tuple holding an array in rank files written before it was a dict
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _legacy_numpy_globals() -> list[Any]:
+    """What the numpy RNG state of older rank files unpickles to: one uint32 array (no code runs)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_plain(file: Path) -> Any:
+    """A file moco_scale wrote itself, read on the CPU with ``weights_only=True``: tensors and plain
+    values only, so nothing in it can run code. One-line errors."""
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as err:
+        if "Weights only load failed" in str(err):  # torch's unpickler refused it before running anything
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = found.group(1) if found else "Python objects"
+            raise CheckpointError(
+                f"{file} holds {what}, not only tensors and plain values; refused (no code from it was run)"
+            ) from None
+        raise CheckpointError(f"{file} is truncated or unreadable") from None
+
+
+_SCALARS = (str, bytes, int, float, bool, type(None))  # exactly these: an IntEnum would pickle its class
+
+
+def _plain(tree: Any, where: str = "") -> Any:
+    """``tree`` as tensors and plain values (numpy scalars and arrays converted), which
+    ``weights_only=True`` loads back; a TypeError names anything else."""
+    if type(tree) in _SCALARS or isinstance(tree, torch.Tensor):
+        return tree
+    if isinstance(tree, np.generic):
+        return tree.item()
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(tree.copy())
+    if isinstance(tree, dict):
+        return {_plain(key, where): _plain(value, f"{where}.{key}") for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        items = (_plain(value, f"{where}[{i}]") for i, value in enumerate(tree))
+        return tuple(items) if isinstance(tree, tuple) else list(items)
+    raise TypeError(f"checkpoint value {where or 'root'} is a {type(tree).__name__}, not a tensor or plain value")
 
 
 def _queue_slice(engine) -> ShardedKeyQueue | None:
@@ -66,6 +145,56 @@ def _queue_slice(engine) -> ShardedKeyQueue | None:
 
 def _rank_file(path: Path, rank: int) -> Path:
     return path / f"rank_{rank:05d}.pt"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+# Files of a checkpoint that rank r writes: its own rank file, DeepSpeed's ZeRO shards, DCP's data file.
+_PER_RANK = re.compile(r"rank_(\d+)\.pt|zero_pp_rank_(\d+)_.*|__(\d+)_\d+\.distcp")
+
+
+def _writer(name: str) -> int:
+    """The rank that writes the checkpoint file ``name``, by its name; 0 for the shared ones (DeepSpeed's
+    model file, DCP's .metadata)."""
+    found = _PER_RANK.fullmatch(name)
+    return int(next(g for g in found.groups() if g is not None)) if found else 0
+
+
+def _is_rank0() -> bool:
+    """Rank 0 of the job, also before the process group exists (the launcher's RANK)."""
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _first_error(error: str, device: torch.device) -> str:
+    """Every rank's view of whether any rank failed (acts as a barrier): ``""`` when none did, else the
+    lowest failing rank's one-line message."""
+    failed = torch.tensor([dist.get_rank() if error else dist.get_world_size()], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MIN)
+    src = int(failed.item())
+    if src == dist.get_world_size():
+        return ""
+    return _broadcast_text(error, src, device)
+
+
+def _broadcast_text(text: str, src: int, device: torch.device) -> str:
+    """``src``'s one-line ``text`` on every rank (a fixed-size byte tensor: nothing is unpickled)."""
+    buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+    if dist.get_rank() == src:
+        data = text.encode()[:_MESSAGE_BYTES]
+        buffer[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    buffer = buffer.to(device)
+    dist.broadcast(buffer, src=src)
+    return bytes(buffer.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+
+
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def save(
@@ -78,21 +207,25 @@ def save(
     keep_every: int = 0,
     epoch: float = 0.0,
 ) -> Path:
-    """Every rank writes its shard of ``step``'s checkpoint; it becomes ``latest`` once all are done.
+    """Every rank writes its shard of ``step``'s checkpoint; it becomes ``latest`` once all are done and flushed.
     ``epoch`` (samples consumed / samples in the data, fractional) is recorded beside the step.
-    Older checkpoints beyond the last ``keep_last`` are deleted, except every ``keep_every``-th step."""
+    Checkpoints older than this one beyond the last ``keep_last`` are deleted, except every ``keep_every``-th
+    step; newer ones and this one never are. A failure on any rank (a write, or rank 0 not seeing another
+    rank's file) raises the same one-line CheckpointError on every rank, and nothing is published."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step:08d}"
     partial = root / f"{tag}.partial"
     rank = dist.get_rank()
+    device = _collective_device()
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=partial.name)
-    queue = _queue_slice(engine)
-    torch.save(
-        {
+    error = ""
+    try:
+        queue = _queue_slice(engine)
+        state = {
             "step": step,
             "epoch": epoch,
             "config": config,
@@ -101,22 +234,60 @@ def save(
             "world_size": dist.get_world_size(),
             "reshardable": engine.reshardable and queue is None,
             "queue_slice": queue.state_dict() if queue is not None else None,
-        },
-        _rank_file(partial, rank),
-    )
-    dist.barrier()  # every shard is on disk
+        }
+        torch.save(_plain(state), _rank_file(partial, rank))
+        for file in partial.iterdir():  # what this rank wrote, flushed before anything names it
+            if _writer(file.name) == rank and file.is_file():
+                fsync_file(file)
+    except (OSError, TypeError) as err:
+        error = f"rank {rank} could not write its part of {partial}: {_one_line(err)}"
+    if error := _first_error(error, device):  # every shard is on disk, or every rank raises
+        raise CheckpointError(error)
     final = root / tag
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(tag)
-        os.replace(pointer, root / LATEST)
-        for old in _tags_newest_first(root)[keep_last:]:
-            if not (keep_every and int(old.name.split("_")[1]) % keep_every == 0):
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        try:
+            _publish(partial, final, dist.get_world_size())
+            _prune(root, tag, keep_last, keep_every)
+        except Exception as err:
+            error = _one_line(err) if isinstance(err, CheckpointError) else f"publishing {partial}: {_one_line(err)}"
+    if error := _broadcast_text(error, 0, device):
+        raise CheckpointError(error)
     return final
+
+
+def _invisible_rank_files(partial: Path, world_size: int) -> list[str]:
+    """The rank files of ``partial`` that this process cannot see, after waiting up to VISIBILITY_WAIT_S."""
+    deadline = time.monotonic() + VISIBILITY_WAIT_S
+    while True:
+        missing = [_rank_file(partial, r).name for r in range(world_size) if not _rank_file(partial, r).is_file()]
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.2)
+
+
+def _publish(partial: Path, final: Path, world_size: int) -> None:
+    """Rank 0: rename the complete, flushed ``partial`` to ``final`` and point ``latest`` at it, durably."""
+    missing = _invisible_rank_files(partial, world_size)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(
+            f"rank 0 cannot see {shown} that the other ranks wrote into {partial}: "
+            "train.run_dir must be on a file system all ranks share"
+        )
+    fsync_dir(partial)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+    write_atomically(final.parent / LATEST, final.name)
+
+
+def _prune(root: Path, tag: str, keep_last: int, keep_every: int) -> None:
+    """Delete checkpoints older than ``tag`` beyond the newest ``keep_last`` (``tag`` included), except
+    every ``keep_every``-th step. ``tag`` itself (what ``latest`` names) and newer ones are never deleted."""
+    older = [path for path in _tags_newest_first(root) if path.name < tag]
+    for old in older[max(keep_last - 1, 0) :]:
+        if not (keep_every and _step_of(old) % keep_every == 0):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _tags_newest_first(root: Path) -> list[Path]:
@@ -144,32 +315,100 @@ def locate(path: str | Path) -> Path:
 def find_resume(resume: str, run_dir: str | Path, world_size: int) -> Path | None:
     """The checkpoint to resume from on ``world_size`` ranks, checked to be complete: none for ``""``;
     for ``auto`` the newest complete one under ``run_dir`` (falling back past damaged ones with a
-    warning), or none; else the given checkpoint, run directory or checkpoints folder, which must be
-    loadable."""
+    warning), or none when there are no checkpoints; else the given checkpoint, run directory or
+    checkpoints folder, which must be loadable.
+
+    One-line errors, before any compute, when ``run_dir``'s checkpoints would be overwritten: a fresh
+    run there, or one resuming another run's checkpoint there, while it holds checkpoints; or ``auto``
+    finding checkpoints of which none loads. Read-only (safe on every rank at once); checkpoints newer
+    than the one returned are moved away by :func:`set_aside_newer`."""
+    root = checkpoint_root(run_dir)
     if not resume:
-        return None
-    if resume != "auto":
+        path = None
+    elif resume == "auto":
+        path = _newest_loadable(root)
+    else:
         path = locate(resume)
         check_loadable(path)
-    else:
-        path = _newest_loadable(checkpoint_root(run_dir))
+    _check_run_dir(path, root)
     if path is not None:
         check_world_size(path, world_size)
     return path
 
 
-def _newest_loadable(root: Path) -> Path | None:
+def _check_run_dir(resume_from: Path | None, root: Path) -> None:
+    """A run starting at ``resume_from`` (None: step 0) may write into ``root`` without overwriting or
+    pruning checkpoints of another run or another timeline."""
+    existing = _tags_newest_first(root)
+    if not existing:
+        return
+    held = f"{root} already holds checkpoints (newest {existing[0].name})"
+    if resume_from is None:
+        raise CheckpointError(
+            f"{held}: resume them with --checkpoint.resume=auto, or start fresh in another train.run_dir"
+        )
+    if resume_from.resolve().parent != root.resolve():
+        raise CheckpointError(f"{held}; to resume {resume_from} without mixing runs, use another train.run_dir")
+
+
+def set_aside_newer(resume_from: Path | None, run_dir: str | Path) -> Path | None:
+    """At the start of a run resuming ``resume_from`` from its own ``run_dir``: move the checkpoints newer
+    than it to ``checkpoints/set_aside/<resumed tag>-<unix time>/`` (not deleted) and point ``latest`` at
+    it, so that the run's saves and pruning never meet them. Returns that folder, or None when nothing moved.
+
+    Called by every rank of the launch, before the process group exists; only rank 0 (the launcher's RANK)
+    acts and the others need not wait for it: they read only ``resume_from``, which never moves, and the
+    checkpoints it moves are ones no rank resumes (newer than ``resume_from``, which all ranks chose alike);
+    the first save's barriers order every later write after it. ``latest`` is rewritten before the moves,
+    so a crash in between leaves a run directory that ``resume=auto`` resumes from ``resume_from`` again."""
+    if resume_from is None or not _is_rank0():
+        return None
+    root = checkpoint_root(run_dir)
+    if not root.is_dir() or resume_from.resolve().parent != root.resolve():
+        return None
     pointer = root / LATEST
-    latest = root / pointer.read_text().strip() if pointer.is_file() else None
-    candidates = [p for p in _tags_newest_first(root) if latest is None or p.name <= latest.name]
-    for path in candidates:
+    if not pointer.is_file() or pointer.read_text().strip() != resume_from.name:
+        write_atomically(pointer, resume_from.name)
+    newer = [path for path in _tags_newest_first(root) if path.name > resume_from.name]
+    if not newer:
+        return None
+    dest = root / SET_ASIDE / f"{resume_from.name}-{int(time.time())}"
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in newer:
+            os.replace(path, dest / path.name)
+        fsync_dir(dest)
+        fsync_dir(root)
+    except OSError as err:
+        raise CheckpointError(
+            f"could not set aside the checkpoints newer than {resume_from}: {_one_line(err)}"
+        ) from None
+    names = ", ".join(sorted(path.name for path in newer))
+    print(f"resuming {resume_from.name}: moved the newer checkpoints ({names}) to {dest}", file=sys.stderr, flush=True)
+    return dest
+
+
+def _newest_loadable(root: Path) -> Path | None:
+    """The newest loadable checkpoint in ``root`` up to what ``latest`` names; None only when ``root``
+    holds no checkpoint folder at all, else a one-line error naming what is wrong with each."""
+    pointer = root / LATEST
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    problems, damaged = [], []
+    for path in _tags_newest_first(root):
+        if latest is not None and path.name > latest:
+            problems.append(f"{path.name}: newer than what {LATEST} names ({latest})")
+            continue
         try:
             check_loadable(path)
-            return path
         except CheckpointError as err:
-            if dist.is_initialized() and dist.get_rank() != 0:
-                continue
-            print(f"warning: skipping damaged checkpoint: {err}", file=sys.stderr, flush=True)
+            problems.append(str(err).replace(f"{root}{os.sep}", ""))
+            damaged.append(str(err))
+            continue
+        for problem in damaged if _is_rank0() else ():
+            print(f"warning: skipping damaged checkpoint: {problem}", file=sys.stderr, flush=True)
+        return path
+    if problems:
+        raise CheckpointError(f"{root} holds no loadable checkpoint: {'; '.join(problems)}")
     return None
 
 
@@ -178,13 +417,15 @@ def read_meta(path: Path) -> dict[str, Any]:
     file = _rank_file(path, 0)
     if not file.is_file():
         raise CheckpointError(f"{path}: no {file.name}; not a moco_scale checkpoint or an incomplete one")
-    try:
-        meta = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception:
-        raise CheckpointError(f"{file} is truncated or unreadable") from None
+    meta = _load_plain(file)
+    if not isinstance(meta, dict) or "world_size" not in meta:
+        raise CheckpointError(f"{file} is not a moco_scale rank file")
     model_file = path / "mp_rank_00_model_states.pt"
     if "config" not in meta and model_file.is_file():  # written before the rank files carried it
-        states = torch.load(model_file, map_location="cpu", weights_only=False, mmap=True)
+        try:  # DeepSpeed's model file holds tensors and plain values only: weights_only reads it
+            states = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            raise CheckpointError(f"{model_file} is truncated or unreadable") from None
         meta |= {key: states[key] for key in ("config", "epoch") if key in states}
     return meta
 
@@ -201,7 +442,8 @@ def check_world_size(path: Path, world_size: int) -> None:
 
 
 def check_loadable(path: Path) -> None:
-    """One-line errors for a damaged or incomplete checkpoint, found before any compute."""
+    """One-line errors for a damaged or incomplete checkpoint, found before any compute. Every rank file
+    is read (``weights_only``): one that holds anything but tensors and plain values is refused."""
     rank_files = sorted(path.glob("rank_*.pt"))
     if not rank_files:
         raise CheckpointError(f"{path}: no rank_*.pt files; not a moco_scale checkpoint or an incomplete one")
@@ -211,7 +453,10 @@ def check_loadable(path: Path) -> None:
                 archive.infolist()
         except (zipfile.BadZipFile, OSError):
             raise CheckpointError(f"{file} is truncated or unreadable") from None
-    written_by = torch.load(rank_files[0], weights_only=False)["world_size"]
+    metas = [_load_plain(file) for file in rank_files]
+    if not all(isinstance(meta, dict) and "world_size" in meta for meta in metas):
+        raise CheckpointError(f"{path}: a rank_*.pt file is not a moco_scale rank file")
+    written_by = metas[0]["world_size"]
     expected = [_rank_file(path, r) for r in range(written_by)]
     if any(path.glob("zero_pp_rank_*")):  # ZeRO 1-3: one optimizer shard per rank
         expected += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(written_by)]
@@ -246,10 +491,11 @@ def load(engine, path: Path) -> tuple[int, dict, int]:
 
     Returns (step, loader state, world size that wrote it). On another world size the engine
     re-cuts its sharded optimizer state, ranks the checkpoint did not have take rank 0's RNG
-    states, and the caller remaps the loader state.
+    states, and the caller remaps the loader state. The rank file is read on the CPU with
+    ``weights_only=True``.
     """
     own_file = _rank_file(path, dist.get_rank())
-    own = torch.load(own_file if own_file.is_file() else _rank_file(path, 0), weights_only=False)
+    own = _load_plain(own_file if own_file.is_file() else _rank_file(path, 0))
     check_world_size(path, dist.get_world_size())
     queue = _queue_slice(engine)
     if queue is not None and own.get("queue_slice") is None:
