@@ -7,7 +7,10 @@
 CKPT is a checkpoint folder (``.../checkpoints/step_X``), a run's ``checkpoints`` folder or a run
 directory; for the latter two, the checkpoint their ``latest`` file names, as ``checkpoint.resume``
 resolves them. Any backend's checkpoint is read (DeepSpeed ZeRO 0-3, FSDP2) on the CPU; no
-process group is created. Bad input exits with code 2 and one line starting ``error:``.
+process group is created. Bad input exits with code 2 and one line starting ``error:``. The rank files
+are read with ``torch.load(weights_only=True)``: one holding anything but tensors and plain values is
+refused, and nothing in it runs. The output is written to a temporary file beside ``OUT``, flushed and
+renamed, so ``OUT`` is never a partial file.
 
 ``--layout torchvision`` (default) writes the query backbone (``encoder_q.backbone.*``, prefix
 stripped) as a plain ``state_dict`` of contiguous tensors. It holds no ``fc.*``: the backbone's
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 
 from moco_scale import checkpoint
+from moco_scale.fileio import replacing
 from moco_scale.weights import BACKBONE, HEAD, WeightsError, read_module, strip
 
 
@@ -61,7 +65,8 @@ def export(ckpt: Path, out: Path, layout: str) -> str:
     else:
         payload = backbone
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, out)
+    with replacing(out) as temp:  # flushed, then renamed over ``out``: never a partial file under its name
+        torch.save(payload, temp)
     if model_cfg.get("width", 1) != 1 or model_cfg.get("small_stem", False):
         print(
             f"warning: model.width={model_cfg.get('width')}, small_stem={model_cfg.get('small_stem')}: "

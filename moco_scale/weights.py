@@ -3,6 +3,11 @@
 Checkpoints are read on the CPU with no process group, whatever wrote them: rank 0's DeepSpeed
 model file (ZeRO 0-2 keep the whole module there), the ZeRO-3 partitions put back together, or an
 FSDP2 run's torch.distributed.checkpoint files.
+
+Whatever moco_scale wrote itself (rank files, exported weights) and DeepSpeed's model file are read
+with ``torch.load(weights_only=True)``, so no code in them runs. DeepSpeed's ZeRO-3 fp32 recovery
+and torch.distributed.checkpoint's ``.metadata`` reader unpickle their files fully: read such
+checkpoints only from a trusted source.
 """
 
 from __future__ import annotations
@@ -93,7 +98,12 @@ def load_backbone(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(source)
     if path.is_dir():
         ckpt = checkpoint.locate(path)
-        return strip(read_module(ckpt), BACKBONE), dict(checkpoint.read_meta(ckpt).get("config") or {})
+        # The rank file first, so a bad one stops before DeepSpeed's or DCP's readers; a folder without one
+        # gets read_module's error naming what it lacks.
+        meta = checkpoint.read_meta(ckpt) if (ckpt / "rank_00000.pt").is_file() else None
+        module = read_module(ckpt)
+        meta = checkpoint.read_meta(ckpt) if meta is None else meta
+        return strip(module, BACKBONE), dict(meta.get("config") or {})
     if not path.is_file():
         raise WeightsError(f"{str(path)!r} does not exist")
     try:

@@ -81,6 +81,23 @@ def _partition_for(shards: list[torch.Tensor], rank: int, size: int) -> torch.Te
     return torch.cat([part, part.new_zeros(size - part.numel())]) if part.numel() < size else part
 
 
+def _zero_shard_globals() -> list[Any]:
+    """The few DeepSpeed types a ZeRO 1/2 optimizer shard pickles beside tensors and plain values: the
+    stage (an enum), the loss scaler (two numbers as attributes) and fragment addresses (two ints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _load_zero_shard(file: Path) -> dict[str, Any]:
+    """DeepSpeed's optimizer shard ``file`` on the CPU, with ``weights_only=True`` and only those types allowed:
+    a file that names any other Python global is refused, not run."""
+    with torch.serialization.safe_globals(_zero_shard_globals()):
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def reshard_zero_optimizer(zero_optimizer: Any, path: Path, saved_world_size: int) -> None:
     """Restore this rank's ZeRO 1/2 optimizer state (e.g. SGD momentum, Adam moments and step) from
     the ``saved_world_size`` shards of checkpoint ``path``, cut for the current world size.
@@ -90,7 +107,7 @@ def reshard_zero_optimizer(zero_optimizer: Any, path: Path, saved_world_size: in
     from deepspeed import comm
 
     files = [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(saved_world_size)]
-    saved = [torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"] for file in files]
+    saved = [_load_zero_shard(file)["optimizer_state_dict"] for file in files]
     rank = comm.get_rank(group=zero_optimizer.dp_process_group)
     base = zero_optimizer.optimizer
     for group, master in enumerate(zero_optimizer.single_partition_of_fp32_groups):
