@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX_VERSION = "v1.2"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")  # the tar member read as a sample's image
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # a sample's image member: first found
 
 
 class DataError(ValueError):
@@ -119,15 +119,16 @@ def write_shard(samples: Iterable[tuple[str, bytes, int]], path: str | Path) -> 
 def write_manifest(
     out_dir: str | Path, shards: list[tuple[str, int]], class_names: list[str] | None, **extra: object
 ) -> dict[str, Any]:
-    """Write ``manifest.json``: the ``(name, samples)`` of each shard, their total, the class names and ``extra``;
-    returns it."""
+    """Write ``manifest.json``: the ``(name, samples)`` of each shard with its size in bytes now (the loaders
+    refuse a shard whose size changed since), their total, the class names and ``extra``; returns it."""
+    out_dir = Path(out_dir)
     manifest = {
-        "shards": [{"name": name, "samples": n} for name, n in shards],
+        "shards": [{"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size} for name, n in shards],
         "samples": sum(n for _, n in shards),
         "class_names": class_names,
         **extra,
     }
-    _write_atomically(Path(out_dir) / "manifest.json", json.dumps(manifest, indent=1))
+    _write_atomically(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -164,13 +165,59 @@ def write_shards(
     return [p for p, _ in written]
 
 
+def _reindex(folder: Path) -> str:
+    """What to run to index ``folder`` afresh (a plain ``--index-only`` keeps the manifest as it is)."""
+    return f"re-index the folder: python -m moco_scale.data.make_shards --index-only {folder} --check"
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A ``manifest.json``; a one-line :class:`DataError` when it is not one that :func:`write_manifest` writes."""
+    try:
+        content = json.loads(path.read_text())
+        if not all(isinstance(e["name"], str) and isinstance(e["samples"], int) for e in content["shards"]):
+            raise TypeError("a shard entry without a name or a sample count")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}); {_reindex(path.parent)}") from e
+    return content
+
+
+def _indexed_samples(shard: Path) -> int | None:
+    """The sample count on the first line of the shard's ``.idx``; None without a readable one."""
+    try:
+        with open(shard.with_suffix(".idx")) as index:
+            _, count = index.readline().split()
+        return int(count)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_unchanged(shard: Path, entry: dict[str, Any]) -> None:
+    """A one-line :class:`DataError` when ``shard`` is not what its manifest entry recorded: its size in bytes,
+    or (older manifests, without the size) the sample count of its ``.idx``."""
+    if "bytes" in entry:
+        size = shard.stat().st_size
+        problem = f"is {size} bytes, but manifest.json recorded {entry['bytes']}" if size != entry["bytes"] else ""
+    else:
+        indexed = _indexed_samples(shard)
+        mismatch = indexed not in (None, entry["samples"])
+        problem = f"has {indexed} samples in its .idx, but manifest.json lists {entry['samples']}" if mismatch else ""
+    if problem:
+        raise DataError(f"{shard} {problem}: it changed after it was indexed; {_reindex(shard.parent)}")
+
+
 def _manifests(shards: list[str]) -> dict[Path, dict[str, Any]]:
-    """The ``manifest.json`` beside the shards, by folder (folders without one are left out)."""
+    """The ``manifest.json`` beside the shards, by folder (folders without one are left out), after checking that
+    each of ``shards`` it lists is unchanged since (:func:`_check_unchanged`)."""
     found = {}
     for folder in {Path(s).parent for s in shards}:
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            found[folder] = json.loads(manifest.read_text())
+            found[folder] = _read_manifest(manifest)
+    wanted = {Path(s) for s in shards}
+    for folder, content in found.items():
+        for entry in content["shards"]:
+            if folder / entry["name"] in wanted:
+                _check_unchanged(folder / entry["name"], entry)
     return found
 
 

@@ -1,7 +1,9 @@
 """The weighted kNN monitor of fb/moco's colab notebook, memory-bounded and distributed.
 
 A query's k nearest bank features by cosine similarity vote for their labels with weights
-``exp(similarity / T)``; the class with the largest sum wins. Queries are processed ``chunk`` at a
+``exp(similarity / T)``; the class with the largest sum wins. The weights are computed as
+``exp((similarity - the query's largest) / T)``, the same votes scaled by one factor per query, which
+leaves the winner unchanged and cannot overflow (plain ``exp(1 / T)`` is inf in fp32 below T = 0.0113). Queries are processed ``chunk`` at a
 time against ``bank_chunk`` bank rows at a time, keeping a running top-k, so the similarity matrix
 in memory is at most ``chunk x (k + bank_chunk)``, on the bank's device (the GPU when there is one).
 
@@ -121,7 +123,8 @@ def knn_predict(
         sims, labels = _nearest(batch, bank, bank_labels, k, bank_chunk)
         if sharded_bank:
             sims, labels = _merge_across_ranks(sims, labels, k)
-        votes = sims.new_zeros(len(batch), num_classes).scatter_add_(1, labels, (sims / temperature).exp())
+        weights = ((sims - sims.amax(1, keepdim=True)) / temperature).exp()
+        votes = sims.new_zeros(len(batch), num_classes).scatter_add_(1, labels, weights)
         predictions.append(votes.argmax(1))
     return torch.cat(predictions) if predictions else bank_labels.new_zeros(0)
 
@@ -174,6 +177,11 @@ class KnnMonitor:
         self.queries = eval_loader(query_shards, image_size, batch_size, rank, world_size, workers, pin_memory)
         self.sharded = world_size > 1
         self.k, self.temperature, self.num_classes, self.chunk = k, temperature, num_classes, chunk
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples of this rank's share that the last call skipped for failing to decode (bank and queries)."""
+        return self.bank.bad_samples + self.queries.bad_samples
 
     def _label_range(self, labels: torch.Tensor) -> tuple[int, int]:
         """Smallest and largest label over all ranks."""
