@@ -3,9 +3,10 @@
 A query's k nearest bank features by cosine similarity vote for their labels with weights
 ``exp(similarity / T)``; the class with the largest sum wins. The weights are computed as
 ``exp((similarity - the query's largest) / T)``, the same votes scaled by one factor per query, which
-leaves the winner unchanged and cannot overflow (plain ``exp(1 / T)`` is inf in fp32 below T = 0.0113). Queries are processed ``chunk`` at a
-time against ``bank_chunk`` bank rows at a time, keeping a running top-k, so the similarity matrix
-in memory is at most ``chunk x (k + bank_chunk)``, on the bank's device (the GPU when there is one).
+leaves the winner unchanged and cannot overflow (plain ``exp(1 / T)`` is inf in fp32 below T = 0.0113).
+Queries are processed ``chunk`` at a time against ``bank_chunk`` bank rows at a time, keeping a
+running top-k, so the similarity matrix in memory is at most ``chunk x (k + bank_chunk)``, on the
+bank's device (the GPU when there is one).
 
 Distributed, each rank keeps only its own share of the bank (N / W rows), and the queries of all
 ranks are gathered: every rank finds the k nearest of each query in its share, the candidates of
