@@ -11,6 +11,11 @@ shards is redrawn each epoch from ``seed`` (the same on all ranks) and samples a
 buffer. DALI stops the whole pipeline on an image it cannot decode, so it streams only shards whose
 images were checked with its decoder (see :mod:`moco_scale.data.validate`): their index files leave
 out the samples that failed, which ``bad_samples`` counts.
+
+Resuming. ``state_dict()`` is DALI's own pipeline checkpoint (reader position and every random op's
+state), which continues exactly, plus the global sample count. DALI cannot be placed anywhere else, so
+a state without its checkpoint (the torch loader's, or another layout's) starts a new pass of DALI's
+reader and only the count goes on from the saved one.
 """
 
 from __future__ import annotations
@@ -169,6 +174,7 @@ class DaliTwoViewLoader:
     Views are ``(B, 3, size, size)`` in ``dtype`` (channels_last memory format when asked), on the
     GPU ``device_id`` when it is set; labels are int64 on the CPU. The DALI reader wraps around at
     each epoch end by itself, so the stream never stops; ``samples_per_epoch`` is this rank's share.
+    ``state`` (a ``state_dict()``) resumes: see the module docstring.
     """
 
     def __init__(
@@ -184,8 +190,9 @@ class DaliTwoViewLoader:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         shuffle_buffer: int = 1000,
-        checkpoint: str | None = None,
+        state: dict | None = None,
     ):
+        state = state or {}
         self.pipe = build_two_view_pipeline(
             shards,
             views,
@@ -198,21 +205,30 @@ class DaliTwoViewLoader:
             dtype,
             channels_last,
             shuffle_buffer,
-            checkpoint,
+            state.get("dali"),
         )
         self.pipe.build()
-        total = self.pipe.reader_meta(READER)["epoch_size"]
+        self.epoch_samples = total = self.pipe.reader_meta(READER)["epoch_size"]
         self.samples_per_epoch = total * (rank + 1) // world_size - total * rank // world_size
-        self.bad_samples = sum(map(len, excluded_samples(shards).values()))  # left out of the index files
+        self.samples = state.get("samples", 0)  # consumed by all ranks together
+        self.global_batch = batch_size * world_size
+        self.decode_failures = state.get("bad_samples", 0)  # counted by the torch loader before a switch
+        self.bad_samples = sum(map(len, excluded_samples(shards).values())) + self.decode_failures
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.dtype, self.channels_last = dtype, channels_last
 
     def __iter__(self) -> DaliTwoViewLoader:
         return self
 
-    def state_dict(self) -> dict[str, str]:
-        """DALI's own checkpoint of the pipeline; pass it back as ``checkpoint`` to continue exactly here."""
-        return {"dali": self.pipe.checkpoint()}
+    def state_dict(self) -> dict[str, str | int]:
+        """DALI's own checkpoint of the pipeline (``dali``), and the global sample count that any backend or layout
+        can restart from (``samples``, ``epoch_samples``, ``bad_samples``)."""
+        return {
+            "dali": self.pipe.checkpoint(),
+            "samples": self.samples,
+            "epoch_samples": self.epoch_samples,
+            "bad_samples": self.decode_failures,
+        }
 
     def _to_torch(self, views: TensorListCPU | TensorListGPU) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
@@ -227,4 +243,5 @@ class DaliTwoViewLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         view1, view2, cls = self.pipe.run()
+        self.samples += self.global_batch
         return self._to_torch(view1), self._to_torch(view2), cls_labels(cls)

@@ -6,7 +6,8 @@ all ranks every sample is evaluated exactly once and no remainder is dropped. A 
 into batches; worker w of R builds batches w, w + R, ..., which the DataLoader's round robin hands
 out in turn, so the batches of all ranks, concatenated in rank order, follow the shards' order for
 any world size and worker count. Each worker reads (without decoding) the samples before its last
-batch in every shard it needs. Undecodable samples are skipped: the batch that held one is smaller.
+batch in every shard it needs. Samples that do not decode (and places that a tar cut short does not
+hold) are skipped and counted in the loader's ``bad_samples``: the batch that held one is smaller.
 
 The evaluation view resizes the shorter side and takes the centre crop of ``image_size``: resized to
 ``image_size`` itself below 64 px (small images such as the demo's 32 px digits are used whole),
@@ -15,12 +16,15 @@ with the training views' mean and std.
 
 Training (:func:`train_loader`). MoCo's linear-evaluation augmentation, a random-resized crop
 (scale 0.08-1) and a horizontal flip, over the two-view loader's reader
-(:class:`~moco_scale.data.torch_loader.TwoViewStream`): the same per-rank sharding, shuffling and
-per-sample seeding; endless.
+(:class:`~moco_scale.data.torch_loader.TwoViewStream`): the same per-rank sharding, shuffling,
+per-sample seeding and counting of bad samples; endless.
+
+The workers of both ignore SIGUSR1, SIGTERM and SIGINT, which are the main process's to act on.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +35,15 @@ from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from moco_scale.data.shards import DataError, excluded_samples, shard_sizes
-from moco_scale.data.torch_loader import TwoViewStream, decode_sample, read_shard, stream_loader, view_transform
+from moco_scale.data.torch_loader import (
+    StreamBatches,
+    TwoViewStream,
+    decode_sample,
+    ignore_stop_signals,
+    read_shard,
+    stream_loader,
+    view_transform,
+)
 
 CENTRE_CROP_FROM = 64  # px: from this size on, resize to size / 0.875 and centre-crop
 CROP_FRACTION = 0.875
@@ -98,37 +110,56 @@ class EvalBatches(IterableDataset):
             return self.start
         return min(self.stop, self.start + (mine[-1] + 1) * self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, int]]:
+        """``(images, labels, bad)`` of each of this worker's batches, ``images`` None when all were bad."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         end = self._last_position(worker, workers)
         images: list[torch.Tensor] = []
         labels: list[int] = []
+        bad = 0
         current: int | None = None
         offset = 0
         for shard, size in zip(self.order, self.sizes, strict=True):
             shard_offset, offset = offset, offset + size
             if shard_offset >= end or offset <= self.start:
                 continue
-            for index, sample in enumerate(read_shard(shard, self.excluded[shard])):
+            samples = itertools.chain(read_shard(shard, self.excluded[shard]), itertools.repeat(None))
+            for index, sample in zip(range(size), samples, strict=False):  # None: a place the tar does not hold
                 position = shard_offset + index
                 if position >= end:
                     break
                 batch = self._own_batch(position, worker, workers)
                 if batch is None:
                     continue
-                if batch != current and images:
-                    yield torch.stack(images), torch.tensor(labels)
-                    images, labels = [], []
+                if batch != current and (images or bad):
+                    yield torch.stack(images) if images else None, torch.tensor(labels, dtype=torch.int64), bad
+                    images, labels, bad = [], [], 0
                 current = batch
-                try:
-                    image, label = decode_sample(sample)
-                except (OSError, ValueError):
+                decoded = decode_sample(sample)
+                if decoded is None:
+                    bad += 1
                     continue
-                images.append(self.transform(image))
-                labels.append(label)
-        if images:
-            yield torch.stack(images), torch.tensor(labels)
+                images.append(self.transform(decoded[0]))
+                labels.append(decoded[1])
+        if images or bad:
+            yield torch.stack(images) if images else None, torch.tensor(labels, dtype=torch.int64), bad
+
+
+class EvalLoader:
+    """Re-iterable ``(images, labels)`` batches of one evaluation pass; ``bad_samples`` counts the samples of
+    this rank's share that the last pass (or the one going on) skipped."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.bad_samples = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.bad_samples = 0
+        for images, labels, bad in self.loader:
+            self.bad_samples += bad
+            if images is not None:
+                yield images, labels
 
 
 def eval_loader(
@@ -139,39 +170,32 @@ def eval_loader(
     world_size: int,
     workers: int = 0,
     pin_memory: bool = False,
-) -> DataLoader:
+) -> EvalLoader:
     """Re-iterable ``(images, labels)`` batches of this rank's share of one pass over ``shards``."""
-    return DataLoader(
-        EvalBatches(shards, image_size, batch_size, rank, world_size),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=pin_memory,
+    return EvalLoader(
+        DataLoader(
+            EvalBatches(shards, image_size, batch_size, rank, world_size),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            worker_init_fn=ignore_stop_signals,
+        )
     )
 
 
 class LabelledTrainStream(IterableDataset):
-    """An endless stream of ``(view, label)`` for one rank: the linear-evaluation view of each sample."""
+    """An endless stream of ``(view, label, position)`` for one rank: the linear-evaluation view of each sample,
+    and the position of the reader that made it (as :class:`~moco_scale.data.torch_loader.TwoViewStream`'s)."""
 
     def __init__(self, shards: list[str], image_size: int, rank: int, world_size: int, seed: int, shuffle_buffer: int):
         view = linear_eval_view(image_size)
         self.reader = TwoViewStream(shards, (view, view), rank, world_size, seed, shuffle_buffer)
         self.transform = view_transform(view)
-        self.seed = seed
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        total = sum(self.reader.sizes.values())
-        failed_in_a_row = 0
-        for epoch, position, sample in self.reader.raw_stream():
-            try:
-                image, label = decode_sample(sample)
-            except (OSError, ValueError):
-                failed_in_a_row += 1
-                if failed_in_a_row > total:
-                    raise DataError("every sample failed to decode: the shards hold no usable image") from None
-                continue
-            failed_in_a_row = 0
-            torch.manual_seed(hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF)
-            yield self.transform(image), label
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
+        reader, _ = self.reader.reader()
+        for image, label, position in self.reader.decoded():
+            yield self.transform(image), label, torch.tensor([reader, *position])
 
 
 def train_loader(
@@ -184,8 +208,11 @@ def train_loader(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``(images, labels)`` batches of augmented training views for this rank."""
+) -> StreamBatches:
+    """Endless ``(images, labels)`` batches of augmented training views for this rank; ``bad_samples`` counts
+    the samples skipped so far."""
     stream = LabelledTrainStream(shards, image_size, rank, world_size, seed, shuffle_buffer)
-    total = sum(stream.reader.sizes.values())
-    return iter(stream_loader(stream, total, batch_size, world_size, workers, pin_memory))
+    readers, reader = max(1, workers), stream.reader
+    loader = stream_loader(stream, reader.total, batch_size, world_size, workers, pin_memory)
+    left_out = sum(map(len, reader.excluded.values()))
+    return StreamBatches(loader, [(0, 0, 0)] * readers, 0, reader.places_per_reader(readers), world_size, left_out)

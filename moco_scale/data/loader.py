@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +14,19 @@ from moco_scale.data.shards import DataError, checked_with
 from moco_scale.data.torch_loader import two_view_loader
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+GLOBAL_POSITION = ("samples", "epoch_samples", "bad_samples")  # what every backend's state holds
+
+
+@dataclass(frozen=True)
+class LoaderLayout:
+    """What a loader position depends on: a state continues exactly only under the layout that saved it."""
+
+    backend: str  # as resolved: "torch" or "dali"
+    world_size: int
+    batch_size: int  # per rank
+    workers: int
+    seed: int
+    shuffle_buffer: int
 
 
 def resolve_backend(backend: str, shards: list[str]) -> str:
@@ -54,8 +68,8 @@ def two_view_batches(
 
     DALI decodes on this rank's GPU (``mixed``) when ``device`` is CUDA and on the CPU otherwise,
     with ``workers`` CPU threads; the torch loader runs ``workers`` DataLoader processes. The result's
-    ``state_dict()`` passed back as ``state`` (same backend, rank, world size and workers) continues
-    the stream exactly where it was.
+    ``state_dict()`` passed back as ``state`` continues the stream exactly where it was under the same
+    layout (see :func:`remap_state`), and restarts at its global sample count under another.
     """
     if resolve_backend(backend, shards) == "dali":
         return DaliTwoViewLoader(
@@ -70,7 +84,7 @@ def two_view_batches(
             dtype=dtype,
             channels_last=channels_last,
             shuffle_buffer=shuffle_buffer,
-            checkpoint=state["dali"] if state else None,
+            state=state,
         )
     return two_view_loader(
         shards,
@@ -82,21 +96,24 @@ def two_view_batches(
         seed,
         shuffle_buffer,
         pin_memory=device.type == "cuda",
-        start_batch=state["batches"] if state else 0,
+        state=state,
         dtype=dtype,
     )
 
 
-def remap_state(state: dict, old_world_size: int, new_world_size: int) -> dict | None:
-    """A loader position saved by ``old_world_size`` ranks, for ``new_world_size`` ranks.
+def remap_state(state: dict | None, saved: LoaderLayout | int, current: LoaderLayout | int) -> dict | None:
+    """A loader state saved under the ``saved`` layout, for the ``current`` one (or world sizes alone).
 
-    The torch loader keeps the number of samples consumed in total (batches x ranks), so the run
-    continues at the same point of the same epoch, but which samples each rank sees from there on
-    follows the new split: a few samples of that epoch may be seen twice or not at all. DALI's
-    pipeline checkpoint belongs to one rank's reader, so DALI restarts its stream.
+    The same layout keeps the state whole: the stream continues exactly. Any change keeps only the global
+    sample count, ``samples`` (consumed by all ranks together, good or bad), ``epoch_samples`` (per epoch
+    in the saved layout) and ``bad_samples``: the torch loader restarts in the same epoch at the same
+    fraction of it, split evenly over its readers, so a few samples of that epoch may be seen twice or
+    not at all; DALI, which resumes only from its own checkpoint, starts a new pass of its reader and
+    counts on from there. A state from before positions were saved (``{"batches": n}``) gives None: the
+    stream starts afresh.
     """
-    if old_world_size == new_world_size:
+    if state is None or saved == current:
         return state
-    if "batches" in state:
-        return {"batches": state["batches"] * old_world_size // new_world_size}
-    return None
+    if "samples" not in state:
+        return None
+    return {key: state[key] for key in GLOBAL_POSITION}

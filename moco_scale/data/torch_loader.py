@@ -5,19 +5,31 @@ laid end to end; rank r takes the r-th of W equal contiguous blocks, so every sa
 exactly once per epoch across all ranks, except the last ``N mod W`` samples of that epoch's
 order (fewer than W), which are dropped. Any world size works, including more ranks than
 shards. Within a rank, workers split the block the same way, and a seeded shuffle buffer mixes
-samples. Each sample's augmentation is seeded by (seed, epoch, its position in the epoch), so the
+samples. Each sample's augmentation is seeded by (seed, epoch, its place in the epoch), so the
 views do not depend on which worker drew them.
 
-Resuming. The stream is a pure function of (seed, rank, world size, workers, batch size), so
-``start_batch=n`` restarts exactly after the n-th batch this rank consumed: each worker skips
-its share of the undecoded samples.
+Bad samples. A place that the manifest counts but the tar does not hold (a tar cut short) is served
+as a bad sample, so which places a reader serves, and in what order, follows from (shard sizes, seed,
+epoch, reader) alone. A sample that fails to decode in any way is counted in ``bad_samples`` and
+skipped (:func:`decode_sample`).
+
+Resuming. Each batch carries the position of the reader (a DataLoader worker) that made it: (epoch,
+samples of it served, good or bad, bad samples so far). ``state_dict()`` holds each reader's position
+after its last batch consumed, and ``state=`` resumes there exactly: whole epochs are skipped by
+arithmetic, and within the epoch the shuffle buffer is replayed over place numbers, so nothing
+skipped is decoded and the tars are read only from the oldest sample still in the buffer on. The cost
+does not grow with the epochs done. A state of another layout restarts at its global sample count
+(:func:`resume_positions`).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import random
-from collections.abc import Collection, Iterator
+import signal
+import warnings
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,15 +72,29 @@ def view_transform(spec: ViewSpec) -> T.Compose:
     )
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """A webdataset sample's image and label (-1 when it has no ``cls``)."""
-    payload = next((sample[ext] for ext in IMAGE_EXTENSIONS if sample.get(ext)), None)
+Position = tuple[int, int, int]  # a reader's (epoch, samples of it served so far, good or bad; bad samples so far)
+
+
+def decode_sample(sample: dict | None) -> tuple[Image.Image, int] | None:
+    """A webdataset sample's RGB image and label (-1 without ``cls``); None for a bad sample: missing (``None``,
+    a place its tar does not hold), without an image member, or failing to decode in any way (a corrupt file makes
+    PIL raise OSError, ValueError, SyntaxError, struct.error, DecompressionBombError and more).
+
+    PIL's decompression-bomb limit is kept and its warning band refused as well: an image whose header claims more
+    than ``Image.MAX_IMAGE_PIXELS`` (89.5 Mpx by default) is bad before any pixel memory is allocated for it.
+    """
+    payload = next((sample[ext] for ext in IMAGE_EXTENSIONS if sample.get(ext)), None) if sample else None
     if not payload:
-        raise ValueError(f"sample {sample.get('__key__')!r} has no image")
-    image = Image.open(io.BytesIO(payload))
-    image.load()
-    label = int(sample["cls"]) if sample.get("cls") else -1
-    return image.convert("RGB"), label
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(payload)) as image:
+                image.load()
+                rgb = image.convert("RGB")
+        return rgb, int(sample["cls"]) if sample.get("cls") else -1
+    except Exception:  # whatever a broken file makes the decoder raise: the sample is bad, training goes on
+        return None
 
 
 def read_shard(shard: str, skip: Collection[str] = ()) -> wds.WebDataset:
@@ -84,6 +110,14 @@ def read_shard(shard: str, skip: Collection[str] = ()) -> wds.WebDataset:
         handler=wds.warn_and_continue,
     )
     return samples.select(lambda sample: sample["__key__"] not in skip) if skip else samples
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: SIGUSR1, SIGTERM and SIGINT, which SLURM's ``--signal`` and
+    ``kill -- -PGID`` deliver to every process of the job, are the main process's to act on (it stops, saves,
+    and shuts its workers down through the DataLoader)."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -112,7 +146,12 @@ def split_epoch(sizes: dict[str, int], seed: int, epoch: int, part: int, parts: 
 
 
 class TwoViewStream(IterableDataset):
-    """An endless stream of ``(view1, view2, label)`` for one rank, over epochs of WebDataset shards."""
+    """An endless stream of ``(view1, view2, label, position)`` for one rank, over epochs of WebDataset shards;
+    ``position`` is ``(reader, epoch, served, bad)`` of the reader that made it, after it.
+
+    ``start`` (by reader; empty: every reader from the beginning) and ``worker_offset`` place a resumed stream
+    (see :func:`resume_positions`).
+    """
 
     def __init__(
         self,
@@ -122,40 +161,80 @@ class TwoViewStream(IterableDataset):
         world_size: int,
         seed: int = 0,
         shuffle_buffer: int = 1000,
-        skip_per_worker: tuple[int, ...] = (),
-        worker_offset: int = 0,
         dtype: torch.dtype = torch.float32,
     ):
         self.sizes = shard_sizes(shards)
+        self.total = sum(self.sizes.values())
         self.excluded = excluded_samples(shards)  # left out of the index by a shard check
         self.transforms = (view_transform(views[0]), view_transform(views[1]))
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.skip_per_worker, self.worker_offset = skip_per_worker, worker_offset
         self.dtype = dtype
-        self.bad_samples = 0
+        self.start: Sequence[Position] = ()
+        self.worker_offset = 0
 
-    def _worker(self) -> tuple[int, int]:
+    def reader(self) -> tuple[int, int]:
         """(reader id, readers) of this worker. A resumed loader's first batch comes from worker 0, but
-        belongs to reader ``start_batch % readers``: ids are rotated by ``worker_offset`` to match."""
+        belongs to the reader that was next: ids are rotated by ``worker_offset`` to match."""
         info = get_worker_info()
         if info is None:
             return 0, 1
         return (info.id + self.worker_offset) % info.num_workers, info.num_workers
 
-    def _epoch_samples(self, epoch: int) -> Iterator[tuple[int, dict]]:
-        """This reader's ``(position in the epoch, raw sample)`` pairs, in shard order."""
-        worker, workers = self._worker()
-        readers = self.world_size * workers
-        for span in split_epoch(self.sizes, self.seed, epoch, self.rank * workers + worker, readers):
-            for index, sample in enumerate(read_shard(span.shard, self.excluded[span.shard])):
-                if index >= span.end:
-                    break
-                if index >= span.first:
+    def places_per_reader(self, readers: int) -> int:
+        """Samples each reader (of ``readers`` per rank) serves per epoch."""
+        return self.total // (self.world_size * readers)
+
+    def _read(self, spans: list[Span], start: int) -> Iterator[tuple[int, dict | None]]:
+        """``(place, raw sample)`` of the spans' places from ``start`` on, in order; None for a place that its
+        tar does not hold (cut short). Shards wholly before ``start`` are not opened."""
+        for span in spans:
+            if span.offset + span.end <= start:
+                continue
+            samples = itertools.chain(read_shard(span.shard, self.excluded[span.shard]), itertools.repeat(None))
+            for index, sample in zip(range(span.end), samples, strict=False):  # samples is endless
+                if index >= span.first and span.offset + index >= start:
                     yield span.offset + index, sample
 
-    def _shuffled(self, samples: Iterator[tuple[int, dict]], rng: random.Random) -> Iterator[tuple[int, dict]]:
-        buffer: list[tuple[int, dict]] = []
+    def _epoch(self, epoch: int, skip: int) -> Iterator[tuple[int, dict | None]]:
+        """This reader's ``(place, raw sample)`` of ``epoch`` in serving order, but for the first ``skip``.
+
+        A reader's places are a contiguous block of the epoch's order, and the shuffle buffer's draws depend only
+        on how many places it holds, so the buffer is first replayed over place numbers: nothing skipped is
+        decoded, and the tars are read only from the first place still in the buffer on.
+        """
+        worker, workers = self.reader()
+        spans = split_epoch(self.sizes, self.seed, epoch, self.rank * workers + worker, self.world_size * workers)
+        if not spans:
+            raise DataError(f"rank {self.rank} worker {worker} has no samples in epoch {epoch}")
+        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+        place, end = spans[0].offset + spans[0].first, spans[-1].offset + spans[-1].end
+        buffer: list[int] = []
+        served = 0
+        while served < skip and place < end:
+            buffer.append(place)
+            place += 1
+            if len(buffer) >= self.shuffle_buffer:
+                buffer.pop(rng.randrange(len(buffer)))
+                served += 1
+        flushed = served < skip  # into the shuffled remainder served at the end of the epoch
+        if flushed:
+            rng.shuffle(buffer)
+            del buffer[: skip - served]
+        wanted, kept = set(buffer), {}
+        samples = self._read(spans, min(buffer, default=place))
+        for item in samples:
+            if item[0] >= place:
+                samples = itertools.chain([item], samples)
+                break
+            if item[0] in wanted:
+                kept[item[0]] = item[1]
+        refilled = [(p, kept[p]) for p in buffer]
+        yield from refilled if flushed else self._shuffled(samples, rng, refilled)
+
+    def _shuffled(
+        self, samples: Iterator[tuple[int, dict | None]], rng: random.Random, buffer: list[tuple[int, dict | None]]
+    ) -> Iterator[tuple[int, dict | None]]:
         for item in samples:
             buffer.append(item)
             if len(buffer) >= self.shuffle_buffer:
@@ -163,69 +242,115 @@ class TwoViewStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def raw_stream(self) -> Iterator[tuple[int, int, dict]]:
-        """Endless ``(epoch, position, raw sample)`` in the order this reader serves them."""
-        worker, _ = self._worker()
-        epoch = 0
+    def raw_stream(self, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, dict | None]]:
+        """Endless ``(epoch, place, raw sample)`` in the order this reader serves them, from ``start``:
+        ``(epoch, samples of it already served)``. A raw sample is None where its tar holds no sample."""
+        epoch, skip = start
         while True:
-            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
-            served = 0
-            for position, sample in self._shuffled(self._epoch_samples(epoch), rng):
-                served += 1
-                yield epoch, position, sample
-            if not served:
-                raise DataError(f"rank {self.rank} worker {worker} read no samples in epoch {epoch}")
-            epoch += 1
+            for place, sample in self._epoch(epoch, skip):
+                yield epoch, place, sample
+            epoch, skip = epoch + 1, 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
-        """``(view1, view2, label, bad samples so far)``; the count rides along so the main process can log it."""
-        worker, _ = self._worker()
-        to_skip = self.skip_per_worker[worker] if self.skip_per_worker else 0
+    def decoded(self, start: Position = (0, 0, 0)) -> Iterator[tuple[Image.Image, int, Position]]:
+        """``(image, label, position after it)`` of this reader's samples that decode, from ``start``; the bad
+        ones are counted in the position and skipped. torch's RNG is seeded for each sample from (seed, epoch,
+        place), so its augmentation does not depend on which worker drew it."""
+        epoch, served, bad = start
         failed_in_a_row = 0
-        for epoch, position, sample in self.raw_stream():
-            try:
-                image, label = decode_sample(sample)
-            except (OSError, ValueError):
-                self.bad_samples += 1
+        for sample_epoch, place, sample in self.raw_stream((epoch, served)):
+            served = served + 1 if sample_epoch == epoch else 1
+            epoch = sample_epoch
+            decoded = decode_sample(sample)
+            if decoded is None:
+                bad += 1
                 failed_in_a_row += 1
-                if failed_in_a_row > sum(self.sizes.values()):
-                    raise DataError("every sample failed to decode: the shards hold no usable image") from None
+                if failed_in_a_row > self.total:
+                    raise DataError("every sample failed to decode: the shards hold no usable image")
                 continue
             failed_in_a_row = 0
-            if to_skip:  # resume: pass over the good samples already consumed, without augmenting them
-                to_skip -= 1
-                continue
-            torch.manual_seed(hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF)
+            torch.manual_seed(hash((self.seed, epoch, place)) & 0x7FFF_FFFF_FFFF)
+            yield decoded[0], decoded[1], (epoch, served, bad)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]]:
+        reader, _ = self.reader()
+        for image, label, position in self.decoded(self.start[reader] if self.start else (0, 0, 0)):
             view1, view2 = self.transforms[0](image).to(self.dtype), self.transforms[1](image).to(self.dtype)
-            yield view1, view2, label, self.bad_samples
+            yield view1, view2, label, torch.tensor([reader, *position])
 
 
-class TwoViewBatches:
-    """Iterates ``(view1, view2, labels)`` batches and keeps what a checkpoint and the log need."""
+class StreamBatches:
+    """Iterates a stream loader's batches without their positions, and keeps what a checkpoint and the log need:
+    each reader's position after the last of its batches consumed here, and the bad samples."""
 
-    def __init__(self, loader: DataLoader, readers: int, start_batch: int, left_out: int = 0):
+    def __init__(
+        self,
+        loader: DataLoader,
+        positions: Sequence[Position],
+        batches: int,
+        per_reader: int,
+        world_size: int,
+        left_out: int = 0,
+        bad_before: int = 0,
+    ):
         self._batches = iter(loader)
-        self.readers = readers
-        self.left_out = left_out
-        self.batches = start_batch  # consumed by this rank since the start of the run
-        self._bad_by_reader = [0] * readers
+        self.positions = [list(p) for p in positions]  # by reader
+        self.batches = batches  # consumed by this rank (since the last restart at a global sample count)
+        self.per_reader, self.world_size = per_reader, world_size
+        self.left_out, self.bad_before = left_out, bad_before
 
-    def __iter__(self) -> TwoViewBatches:
+    def __iter__(self) -> StreamBatches:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        view1, view2, labels, bad = next(self._batches)
-        self._bad_by_reader[self.batches % self.readers] = int(bad.max())
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        *batch, positions = next(self._batches)
+        reader, epoch, served, bad = positions[-1].tolist()
+        self.positions[reader] = [epoch, served, bad]
         self.batches += 1
-        return view1, view2, labels
+        return tuple(batch)
 
     @property
     def bad_samples(self) -> int:
         """Samples a shard check left out of the shards, plus those this rank skipped for failing to decode."""
-        return self.left_out + sum(self._bad_by_reader)
+        return self.left_out + self.decode_failures
 
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": self.batches}
+    @property
+    def decode_failures(self) -> int:
+        return self.bad_before + sum(bad for _, _, bad in self.positions)
+
+    def state_dict(self) -> dict[str, int | list[list[int]]]:
+        """Plain ints: ``readers`` (each reader's position), ``batches`` (which reader is next), and the global
+        sample count that any layout or backend can restart from (see :func:`resume_positions`)."""
+        consumed = sum(epoch * self.per_reader + served for epoch, served, _ in self.positions)
+        return {
+            "readers": [list(p) for p in self.positions],
+            "batches": self.batches,
+            "samples": consumed * self.world_size,  # this rank's readers stand for all ranks'
+            "epoch_samples": self.per_reader * len(self.positions) * self.world_size,
+            "bad_samples": self.decode_failures,
+        }
+
+
+def resume_positions(
+    state: dict | None, readers: int, per_reader: int, batch_size: int, world_size: int
+) -> tuple[list[Position], int, int]:
+    """Each reader's start position, the batches consumed (their count tells which reader serves next) and the bad
+    samples counted before the positions' own, from a loader ``state``.
+
+    A state with a position for each of ``readers`` continues exactly (the other layout fields, batch size, seed and
+    shuffle buffer, are the caller's to compare: see :func:`moco_scale.data.loader.remap_state`). Any other state
+    (another world size or worker count, a DALI state, or a remapped one) restarts at its global sample count:
+    the same epoch, and the same fraction of it split evenly over the readers, so a few samples of that epoch
+    may be seen twice or not at all. A state from before positions were saved (``{"batches": n}``) counts
+    ``n`` batches of every rank.
+    """
+    if not state:
+        return [(0, 0, 0)] * readers, 0, 0
+    if len(state.get("readers", ())) == readers:
+        positions = [(epoch, served, bad) for epoch, served, bad in state["readers"]]
+        return positions, state["batches"], state["bad_samples"] - sum(bad for _, _, bad in positions)
+    epoch_samples = state.get("epoch_samples") or per_reader * readers * world_size
+    epoch, into = divmod(state.get("samples", state.get("batches", 0) * batch_size * world_size), epoch_samples)
+    return [(epoch, into * per_reader // epoch_samples, 0)] * readers, 0, state.get("bad_samples", 0)
 
 
 def two_view_loader(
@@ -238,17 +363,20 @@ def two_view_loader(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
-    start_batch: int = 0,
+    state: dict | None = None,
     dtype: torch.dtype = torch.float32,
-) -> TwoViewBatches:
-    """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``; ``start_batch``
-    resumes after that many."""
+) -> StreamBatches:
+    """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``; ``state`` (a
+    ``state_dict()``) resumes (see :func:`resume_positions`)."""
     readers = max(1, workers)
+    stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, dtype)
+    per_reader = stream.places_per_reader(readers)
+    positions, batches, bad_before = resume_positions(state, readers, per_reader, batch_size, world_size)
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
-    skip = tuple(batch_size * len(range(w, start_batch, readers)) for w in range(readers))
-    stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, skip, start_batch % readers, dtype)
-    loader = stream_loader(stream, sum(stream.sizes.values()), batch_size, world_size, workers, pin_memory)
-    return TwoViewBatches(loader, readers, start_batch, sum(map(len, stream.excluded.values())))
+    stream.start, stream.worker_offset = positions, batches % readers
+    loader = stream_loader(stream, stream.total, batch_size, world_size, workers, pin_memory)
+    left_out = sum(map(len, stream.excluded.values()))
+    return StreamBatches(loader, positions, batches, per_reader, world_size, left_out, bad_before)
 
 
 def stream_loader(
@@ -266,4 +394,5 @@ def stream_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=ignore_stop_signals,
     )
