@@ -66,6 +66,18 @@ def _clustered(labels: torch.Tensor, dim: int, noise: float, generator: torch.Ge
     return F.normalize(centroids + noise * torch.randn(len(labels), dim, generator=generator), dim=1)
 
 
+@pytest.mark.parametrize("temperature", [0.005, 0.1])
+@pytest.mark.usefixtures("one_thread")
+def test_knn_votes_stay_finite_at_small_temperatures(temperature: float) -> None:
+    """exp(similarity / 0.005) overflows fp32 (e^200); the votes must still match the float64 reference."""
+    generator = torch.Generator().manual_seed(7)
+    bank_labels, query_labels = torch.randint(0, 6, (300,), generator=generator), torch.randint(0, 6, (80,))
+    bank, queries = _clustered(bank_labels, 16, 0.3, generator), _clustered(query_labels, 16, 0.3, generator)
+    expected = reference_knn(bank, bank_labels, queries, 20, temperature)
+    assert knn_predict(bank, bank_labels, queries, 6, 20, temperature, chunk=32, bank_chunk=64).tolist() == expected
+    assert sum(p == y for p, y in zip(expected, query_labels.tolist(), strict=True)) > 0.6 * 80  # not chance
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_separable_features_score_near_100_and_shuffled_labels_near_chance() -> None:
     generator = torch.Generator().manual_seed(0)
