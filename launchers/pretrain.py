@@ -321,6 +321,21 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
             print(f"error: {err}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         sys.exit(3)
+    except RuntimeError as err:
+        if not lost_a_rank(err):
+            raise
+        print(
+            f"error: rank {os.environ.get('RANK', '0')}: a collective failed, so another rank died or hangs "
+            f"({str(err).splitlines()[0][:200]}); resume with --checkpoint.resume=auto",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)  # the process group cannot be torn down without the lost rank
+
+
+def lost_a_rank(err: RuntimeError) -> bool:
+    """Whether ``err`` is a collective that failed on a dead or hung peer (gloo or NCCL, error or timeout)."""
+    return isinstance(err, dist.DistError) or "gloo" in str(err)
 
 
 if __name__ == "__main__":
