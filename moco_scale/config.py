@@ -371,14 +371,19 @@ def changed_fields(saved: dict[str, Any], cfg: Config) -> list[str]:
     return changed
 
 
-def check_resumable(saved: dict[str, Any], cfg: Config, source: str) -> None:
+def check_resumable(
+    saved: dict[str, Any], cfg: Config, source: str, also_changed: dict[str, tuple[Any, Any]] | None = None
+) -> None:
     """A one-line :class:`ConfigError` when ``cfg`` changes a field of the checkpoint's config (``saved``) that
-    exact continuation depends on, unless ``checkpoint.allow_changes`` names it."""
-    refused = [name for name in changed_fields(saved, cfg) if name not in cfg.checkpoint.allow_changes]
+    exact continuation depends on, unless ``checkpoint.allow_changes`` names it. ``also_changed``: fields found
+    changed otherwise, with their (saved, current) values (``data.backend`` when ``auto`` now resolves to
+    another loader)."""
+    current = _plain(cfg.to_dict())
+    values = {name: (_lookup(saved, name), _lookup(current, name)) for name in changed_fields(saved, cfg)}
+    values |= also_changed or {}
+    refused = [name for name in values if name not in cfg.checkpoint.allow_changes]
     if refused:
-        shown = ", ".join(
-            f"{name} ({_lookup(saved, name)!r} -> {_lookup(_plain(cfg.to_dict()), name)!r})" for name in refused
-        )
+        shown = ", ".join(f"{name} ({values[name][0]!r} -> {values[name][1]!r})" for name in refused)
         raise ConfigError(
             f"{source} was written with other values of {shown}; resuming would not continue that run exactly: "
             f"restore them, or accept the change with --checkpoint.allow_changes={','.join(refused)}"
