@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from moco_scale.data import loader
+from moco_scale.data import loader, torch_loader
 from moco_scale.data.augment import moco_views
+from moco_scale.data.loader import Batch
 from moco_scale.data.shards import DataError, list_shards, write_shards
+from moco_scale.data.torch_loader import decode_sample
 
 
 def test_backend_resolution(monkeypatch: pytest.MonkeyPatch, demo_shards: dict[str, Path], tmp_path: Path) -> None:
@@ -100,3 +104,87 @@ def test_views_come_in_the_engine_dtype(demo_shards: dict[str, Path], backend: s
             torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
         else:
             assert torch.equal(got, want.to(dtype))
+
+
+def _digit_shards(demo_shards: dict[str, Path], folder: Path, n: int, bad: dict[int, bytes] | None = None) -> list[str]:
+    """``n`` held-out demo digits in shards of 8, those at the indices of ``bad`` replaced by its bytes."""
+    with tarfile.open(list_shards(str(demo_shards["val"]))[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    keys = sorted({name.split(".")[0] for name in members})[:n]
+    samples = [(k, (bad or {}).get(i, members[f"{k}.jpg"]), int(members[f"{k}.cls"])) for i, k in enumerate(keys)]
+    return [str(s) for s in write_shards(samples, folder, samples_per_shard=8)]
+
+
+def _same(a: Batch, b: Batch) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_resume_decodes_the_same_few_images_after_1_and_10_epochs(
+    demo_shards: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed mid-epoch after 1 and after 10 epochs of 16 samples, the loader decodes one batch before its first
+    batch (replaying from step 0 decoded 24 and 168 images), and that batch is the one the run went on with."""
+    shards = _digit_shards(demo_shards, tmp_path, 16)
+    kwargs = dict(views=moco_views("v2", 16), batch_size=4, rank=0, world_size=1, workers=0, shuffle_buffer=8)
+    run = torch_loader.two_view_loader(shards, **kwargs)
+    saved = {}
+    for step in range(43):
+        state = run.state_dict()
+        batch = next(run)
+        if step in (6, 42):  # 1.5 and 10.5 epochs of 4 batches
+            saved[step] = state, batch
+    decodes = []
+
+    def counted(sample: dict | None) -> tuple | None:
+        decodes.append(sample)
+        return decode_sample(sample)
+
+    monkeypatch.setattr(torch_loader, "decode_sample", counted)
+    for step, (state, expected) in saved.items():
+        decodes.clear()
+        assert state["readers"][0][:2] == [step // 4, step % 4 * 4], state
+        assert _same(next(torch_loader.two_view_loader(shards, state=state, **kwargs)), expected)
+        assert len(decodes) == 4, (step, len(decodes))
+
+
+def test_resume_mid_epoch_with_workers_continues_bitwise_and_keeps_counting_bad_samples(
+    demo_shards: dict[str, Path], tmp_path: Path
+) -> None:
+    shards = _digit_shards(demo_shards, tmp_path, 80, {3: b"junk", 21: b"", 40: b"\xff\xd8 cut", 77: b"junk"})
+    kwargs = {**_demo_stream(demo_shards, rank=1, world_size=2, seed=3), "shards": shards, "workers": 2}
+    run = loader.two_view_batches("torch", **kwargs)
+    for _ in range(3):  # mid-epoch: each of the rank's 2 readers serves 20 samples an epoch, 8 a batch
+        next(run)
+    state = run.state_dict()
+    expected = [next(run) for _ in range(9)]  # into the third epoch
+    resumed = loader.two_view_batches("torch", state=state, **kwargs)
+    assert all(_same(a, b) for a, b in zip(expected, (next(resumed) for _ in range(9)), strict=True))
+    assert resumed.state_dict() == run.state_dict() and resumed.bad_samples == run.bad_samples == 2 * 2
+
+
+def test_another_layout_or_backend_restarts_at_the_global_sample_count(demo_shards: dict[str, Path]) -> None:
+    kwargs = {**_demo_stream(demo_shards, rank=0, world_size=1, seed=1), "workers": 2}
+    two = loader.two_view_batches("torch", **kwargs)
+    for _ in range(45):  # 360 of the 300 samples an epoch: epoch 1, 60 samples in
+        next(two)
+    state = two.state_dict()
+    assert state["samples"] == 360 and state["epoch_samples"] == 300
+    saved = loader.LoaderLayout("torch", world_size=1, batch_size=8, workers=2, seed=1, shuffle_buffer=16)
+    assert loader.remap_state(state, saved, saved) is state  # the same layout: exact
+    one_worker = loader.remap_state(state, saved, replace(saved, workers=1))
+    assert one_worker == {"samples": 360, "epoch_samples": 300, "bad_samples": 0}
+    one = loader.two_view_batches("torch", state=one_worker, **{**kwargs, "workers": 1})
+    assert one.state_dict()["readers"] == [[1, 60, 0]] and one.state_dict()["samples"] == 360
+    next(one)
+    assert one.state_dict()["samples"] == 368
+    two_ranks = loader.two_view_batches("torch", state=one_worker, **{**kwargs, "world_size": 2, "workers": 2})
+    assert two_ranks.state_dict()["readers"] == [[1, 15, 0]] * 2 and two_ranks.state_dict()["samples"] == 360
+    assert loader.remap_state({"batches": 7}, 2, 1) is None  # a state from before positions were saved: afresh
+    if not loader.dali_available():
+        return
+    dali = loader.two_view_batches("dali", state=state, **kwargs)  # no DALI checkpoint: a new pass, counting on
+    next(dali)
+    dali_state = dali.state_dict()
+    assert dali_state["samples"] == 368 and dali_state["epoch_samples"] == 300 and "dali" in dali_state
+    back = loader.two_view_batches("torch", state=dali_state, **kwargs)
+    assert back.state_dict()["readers"] == [[1, 34, 0]] * 2  # 68 of 300 into epoch 1, over 2 readers of 150
