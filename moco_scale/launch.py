@@ -10,7 +10,8 @@ exits non-zero. This launcher instead:
 - passes SIGTERM and SIGUSR1 on to every rank (which finish their step, save and exit 0) and exits 0
   when they all have;
 - ends the job as soon as one rank fails: it names the rank and its exit code or signal, kills the
-  others (they could only wait for the lost rank until ``engine.timeout_s``) and exits 1.
+  others (they could only wait for the lost rank until ``engine.timeout_s``) and exits with that rank's
+  code (1 for a rank killed by a signal).
 
 Across nodes, ``srun`` plays this part (see README, "SLURM").
 """
@@ -66,7 +67,7 @@ def run(nproc: int, command: list[str], master_port: int | None = None, poll_s: 
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            return 1
+            return code if code > 0 else 1
         if all(code == 0 for code in codes):
             return 0
         time.sleep(poll_s)
