@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("gpu_suite.py", "pairs_per_s_compute"),  # its CPU dry run
         pytest.param("quality.py", "knn_top1_ours", marks=pytest.mark.slow),  # 4 steps each, ours and reference
         ("shard_check.py", "ratio_full_vs_pil"),  # PIL alone, JPEG structure walk, PIL + DALI
+        pytest.param("faults.py", "survived_fraction", marks=pytest.mark.slow),  # 9 short 2-rank jobs
         pytest.param(
             "data_throughput.py",
             "ratio_vs_reference",
