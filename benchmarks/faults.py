@@ -364,6 +364,31 @@ def main() -> None:
     print(format_table(["what", "result"], summary))
     result["survived_fraction"] = result["kills_survived"] / max(1, result["interruptions"])
     write_json(args.json, {"environment": environment(), "args": vars(args), **result})
+    missed = goals_missed(result, args.every)
+    if missed:
+        sys.exit(f"goals not met: {'; '.join(missed)}")
+    print("every goal met")
+
+
+def goals_missed(result: dict[str, Any], every: int) -> list[str]:
+    """The issue's goals, and what each fault must end in, that this run did not meet."""
+    bad = result["bad_inputs"]
+    checks = {
+        "every kill and signal survived": result["kills_survived"] == result["interruptions"],
+        "every checkpoint bitwise equal": result["checkpoints_bitwise_equal"] == result["checkpoints_compared"] > 0,
+        "final state bitwise equal": result["final_bitwise_equal"],
+        "no checkpoint lost": result["checkpoints_lost"] == 0,
+        "at most one interval lost per fault": result["max_steps_lost"] <= every,
+        "NaN step skipped and the run finished with finite weights": result["nan"]["exit_code"] == 0
+        and result["nan"]["skipped_steps"] == 1
+        and result["nan"]["checkpoint_finite"],
+        "damaged manifest and shard refused in one line (exit 2)": all(
+            bad[k]["exit_code"] == 2 and bad[k]["one_line_error"] for k in ("truncated_manifest", "truncated_shard")
+        ),
+        "fuzzed images skipped and counted": bad["fuzzed_shard"]["exit_code"] == 0
+        and bad["fuzzed_shard"]["bad_samples_logged"] >= bad["fuzzed_shard"]["pil_fails"] > 0,
+    }
+    return [name for name, met in checks.items() if not met]
 
 
 if __name__ == "__main__":
