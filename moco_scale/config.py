@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from moco_scale.fileio import write_atomically
 from moco_scale.models import RESNET_SPECS
 
 
@@ -408,7 +409,8 @@ def parse_cli_overrides(flags: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    """The resolved config as YAML, written atomically."""
+    write_atomically(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 
 
 def _plain(tree: Any) -> Any:
