@@ -17,8 +17,8 @@ Resuming. Each batch carries the position of the reader (a DataLoader worker) th
 samples of it served, good or bad, bad samples so far). ``state_dict()`` holds each reader's position
 after its last batch consumed, and ``state=`` resumes there exactly: whole epochs are skipped by
 arithmetic, and within the epoch the shuffle buffer is replayed over place numbers, so nothing
-skipped is decoded and the tars are read only from the oldest sample still in the buffer on. The cost
-does not grow with the epochs done. A state of another layout restarts at its global sample count
+skipped is decoded and only the shards from the one holding the oldest place still in the buffer on
+are read. The cost does not grow with the epochs done. A state of another layout restarts at its global sample count
 (:func:`resume_positions`).
 """
 
@@ -201,7 +201,7 @@ class TwoViewStream(IterableDataset):
 
         A reader's places are a contiguous block of the epoch's order, and the shuffle buffer's draws depend only
         on how many places it holds, so the buffer is first replayed over place numbers: nothing skipped is
-        decoded, and the tars are read only from the first place still in the buffer on.
+        decoded, and only the shards from the one holding the oldest place still in the buffer on are read.
         """
         worker, workers = self.reader()
         spans = split_epoch(self.sizes, self.seed, epoch, self.rank * workers + worker, self.world_size * workers)
@@ -260,8 +260,8 @@ class TwoViewStream(IterableDataset):
         for sample_epoch, place, sample in self.raw_stream((epoch, served)):
             served = served + 1 if sample_epoch == epoch else 1
             epoch = sample_epoch
-            decoded = decode_sample(sample)
-            if decoded is None:
+            image_label = decode_sample(sample)
+            if image_label is None:
                 bad += 1
                 failed_in_a_row += 1
                 if failed_in_a_row > self.total:
@@ -269,7 +269,7 @@ class TwoViewStream(IterableDataset):
                 continue
             failed_in_a_row = 0
             torch.manual_seed(hash((self.seed, epoch, place)) & 0x7FFF_FFFF_FFFF)
-            yield decoded[0], decoded[1], (epoch, served, bad)
+            yield *image_label, (epoch, served, bad)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]]:
         reader, _ = self.reader()
@@ -315,6 +315,7 @@ class StreamBatches:
 
     @property
     def decode_failures(self) -> int:
+        """Samples this rank skipped for failing to decode, those before a restart at a global sample count included."""
         return self.bad_before + sum(bad for _, _, bad in self.positions)
 
     def state_dict(self) -> dict[str, int | list[list[int]]]:
