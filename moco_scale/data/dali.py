@@ -220,7 +220,7 @@ class DaliTwoViewLoader:
     def __iter__(self) -> DaliTwoViewLoader:
         return self
 
-    def state_dict(self) -> dict[str, str | int]:
+    def state_dict(self) -> dict[str, bytes | int]:
         """DALI's own checkpoint of the pipeline (``dali``), and the global sample count that any backend or layout
         can restart from (``samples``, ``epoch_samples``, ``bad_samples``)."""
         return {
