@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
         pytest.param("quality.py", "knn_top1_ours", marks=pytest.mark.slow),  # 4 steps each, ours and reference
         ("shard_check.py", "ratio_full_vs_pil"),  # PIL alone, JPEG structure walk, PIL + DALI
         pytest.param("faults.py", "survived_fraction", marks=pytest.mark.slow),  # 9 short 2-rank jobs
+        ("resume_cost.py", "resume_ms_ratio_last_vs_first"),  # torch loader resumes after 1 and 10 epochs
         pytest.param(
             "data_throughput.py",
             "ratio_vs_reference",

@@ -177,7 +177,9 @@ def _interrupt(run_dir: Path, zero: int, sig: signal.Signals, after_step: int) -
     while _logged_steps(run_dir) < after_step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     children = psutil.Process(proc.pid).children(recursive=True)
-    ranks = [p for p in children if any(arg.startswith("--local_rank") for arg in p.cmdline())]
+    ranks = [  # torch DataLoader workers are forks of a rank, with its command line
+        p for p in children if any(a.startswith("--local_rank") for a in p.cmdline()) and p.name() != "pt_data_worker"
+    ]
     assert len(ranks) == 2
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies at once, as on a node failure
@@ -256,8 +258,9 @@ def _restore_and_compare(rank: int, world: int, ckpt: str, config: str, zero: in
         else:
             assert torch.equal(engine.optimizer.state[p]["momentum_buffer"], expected)
     assert (step, saved_world) == (4, 2)
-    remapped = remap_state(loader_state, saved_world, world)
-    assert remapped is None or remapped == {"batches": 4 * 2 // world}
+    remapped = remap_state(loader_state, saved_world, world)  # the global sample count carries over
+    assert remapped == {k: loader_state[k] for k in ("samples", "epoch_samples", "bad_samples")}
+    assert remapped["samples"] == 4 * 32 * 2
 
 
 @pytest.mark.slow
