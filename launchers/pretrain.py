@@ -36,7 +36,7 @@ from moco_scale.config import (
 )
 from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
-from moco_scale.data.loader import LoaderLayout, remap_state, resolve_backend, two_view_batches
+from moco_scale.data.loader import LoaderLayout, backend_of, remap_state, resolve_backend, two_view_batches
 from moco_scale.data.shards import DataError, count_samples, list_shards
 from moco_scale.dist.comm import DistInfo, init_distributed
 from moco_scale.engine.base import COMPUTE_DTYPES, TrainEngine
@@ -60,19 +60,6 @@ def resolve_shards(cfg: Config) -> tuple[list[str], list[str], list[str]]:
         return train, [], []
     bank = list_shards(cfg.eval.bank_path, "eval.bank_path") if cfg.eval.bank_path else train
     return train, bank, list_shards(cfg.eval.val_path or demo["val"], "eval.val_path")
-
-
-def loader_backend(state: dict | None) -> str | None:
-    """Which loader saved ``state``: DALI's holds its pipeline checkpoint (None: no state)."""
-    return None if state is None else "dali" if "dali" in state else "torch"
-
-
-def loader_layout(config: dict, world_size: int, backend: str) -> LoaderLayout:
-    """The loader layout of a run with ``config`` (a ``Config.to_dict()``) on ``world_size`` ranks."""
-    data = config["data"]
-    return LoaderLayout(
-        backend, world_size, config["train"]["batch_size"], data["workers"], data["seed"], data["shuffle_buffer"]
-    )
 
 
 def seed_everything(seed: int) -> None:
@@ -187,8 +174,8 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         backend = resolve_backend(cfg.data.backend, shards)
         loader_state = remap_state(  # the same layout continues exactly; another restarts at the global count
             loader_state,
-            loader_layout(saved_config, saved_world_size, loader_backend(loader_state) or backend),
-            loader_layout(cfg.to_dict(), ctx.world_size, backend),
+            LoaderLayout.of_run(saved_config, saved_world_size, backend_of(loader_state) or backend),
+            LoaderLayout.of_run(cfg.to_dict(), ctx.world_size, backend),
         )
     else:
         seed_everything(cfg.train.seed * 1000 + ctx.rank + 1)  # from here on each rank draws its own randomness
@@ -329,7 +316,7 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir, world_size)
         if resume_from is not None:
             meta = checkpoint.read_meta(resume_from)
-            saved_backend = loader_backend(meta["loader"])
+            saved_backend = backend_of(meta["loader"])
             switched = {"data.backend": (saved_backend, backend)} if saved_backend not in (None, backend) else {}
             check_resumable(meta.get("config", {}), cfg, str(resume_from), also_changed=switched)
         checkpoint.set_aside_newer(resume_from, cfg.train.run_dir)  # rank 0 only; see its docstring

@@ -28,6 +28,19 @@ class LoaderLayout:
     seed: int
     shuffle_buffer: int
 
+    @classmethod
+    def of_run(cls, config: dict, world_size: int, backend: str) -> LoaderLayout:
+        """The layout of a run whose config is ``config`` (``Config.to_dict()``, as a checkpoint holds it)."""
+        data = config["data"]
+        return cls(
+            backend, world_size, config["train"]["batch_size"], data["workers"], data["seed"], data["shuffle_buffer"]
+        )
+
+
+def backend_of(state: dict | None) -> str | None:
+    """Which loader saved ``state``: DALI's holds its pipeline checkpoint (None: no state)."""
+    return None if state is None else "dali" if "dali" in state else "torch"
+
 
 def resolve_backend(backend: str, shards: list[str]) -> str:
     """``auto`` is DALI when it imports and every image of the shards was checked with DALI's decoder
