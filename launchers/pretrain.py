@@ -237,7 +237,8 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         return knn is not None and (step % cfg.eval.every_steps == 0 or step == total_steps)
 
     if start_step == 0 and knn_due(0):
-        logger.log({"step": 0, "knn_top1": knn(engine.query_backbone())})  # the random-init baseline
+        top1 = knn(engine.query_backbone())
+        logger.log({"step": 0, "knn_top1": top1, "knn_bad_samples": knn.bad_samples})  # the random-init baseline
     timer = StageTimer(ctx.device)  # times the last step of each log window, stage by stage
     model.train()
     window_start, window_steps = time.perf_counter(), 0
@@ -274,7 +275,11 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
                     "skipped_steps": skipped_steps,
                     **({"bad_samples": batches.bad_samples} if hasattr(batches, "bad_samples") else {}),
                     **{f"{STAGE_PREFIX}{stage}": ms for stage, ms in timer.pop_means().items()},
-                    **({"knn_top1": knn(engine.query_backbone())} if knn_due(step + 1) else {}),
+                    **(
+                        {"knn_top1": knn(engine.query_backbone()), "knn_bad_samples": knn.bad_samples}
+                        if knn_due(step + 1)
+                        else {}
+                    ),
                 }
             )
             window_start, window_steps = time.perf_counter(), 0

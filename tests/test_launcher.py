@@ -140,6 +140,7 @@ def test_deepspeed_two_ranks_demo_learns(tmp_path: Path) -> None:
     records = _check_outputs(run_dir, 60, result.stdout)
     knn = {r["step"]: r["knn_top1"] for r in _metrics(run_dir) if "knn_top1" in r}
     assert sorted(knn) == [0, 50, 60] and all(0 < v <= 100 for v in knn.values())  # random init, every 50, end
+    assert all(r["knn_bad_samples"] == 0 for r in _metrics(run_dir) if "knn_top1" in r)  # the digits all decode
     assert "warning:" not in result.stderr  # a healthy run: no collapse, K well below the data
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # nothing left in /dev/shm
     losses = [r["loss"] for r in records]
