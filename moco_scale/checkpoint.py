@@ -239,7 +239,7 @@ def save(
         for file in partial.iterdir():  # what this rank wrote, flushed before anything names it
             if _writer(file.name) == rank and file.is_file():
                 fsync_file(file)
-    except (OSError, TypeError) as err:
+    except Exception as err:  # e.g. a full disk (torch.save raises RuntimeError then): every rank must hear of it
         error = f"rank {rank} could not write its part of {partial}: {_one_line(err)}"
     if error := _first_error(error, device):  # every shard is on disk, or every rank raises
         raise CheckpointError(error)

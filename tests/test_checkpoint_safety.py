@@ -201,6 +201,20 @@ def test_write_atomically_leaves_the_old_file_when_writing_fails(tmp_path: Path)
     assert target.read_text() == "step_00000001" and [p.name for p in tmp_path.iterdir()] == ["latest"]
 
 
+def test_fsync_tree_flushes_every_file_and_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("x.pt", "a/y.pt", "a/b/z.pt"):
+        (tmp_path / name).write_bytes(b"1")
+    flushed: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    fileio.fsync_tree(tmp_path)
+    root = tmp_path.resolve()
+    files = [str(root / name) for name in ("x.pt", "a/y.pt", "a/b/z.pt")]
+    assert sorted(flushed[:3]) == sorted(files)  # the files, then the folders deepest first
+    assert flushed[3:] == [str(root / "a" / "b"), str(root / "a"), str(root)]
+
+
 def _unshared_run_dir(rank: int, world_size: int, run: str) -> None:
     """Rank 0 cannot see rank 1's file (deleted between the write and the publish): both ranks raise the
     same one-line error and nothing is published. Then a write that fails on rank 1 ends both ranks too."""
