@@ -121,11 +121,15 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return differ
 
 
-def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
-    for child in psutil.Process(proc.pid).children():
-        if child.environ().get("RANK") == str(rank):
-            return child
-    raise RuntimeError(f"rank {rank} not found")
+def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process | None:
+    """Rank ``rank`` of the job, or None once it is gone."""
+    try:
+        for child in psutil.Process(proc.pid).children():
+            if child.environ().get("RANK") == str(rank):
+                return child
+    except psutil.Error:
+        pass
+    return None
 
 
 def wait_until(condition, proc: subprocess.Popen, poll: float = 0.01) -> bool:
@@ -173,7 +177,10 @@ def chaos(work: Path, steps: int, every: int, kills: int, signals: int, seed: in
         elif hit and event == "usr1":
             os.killpg(proc.pid, signal.SIGUSR1)
         elif hit and event == "rank":
-            rank_process(proc, 1).kill()
+            victim = rank_process(proc, 1)
+            hit = victim is not None
+            if hit:
+                victim.kill()
         code = proc.wait(timeout=600)
         ended_s = time.time() - struck
         if hit and event == "rank":
