@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_scale import checkpoint
-from moco_scale.dist.comm import free_port, join_local_gloo
+from moco_scale.dist.comm import free_port, join_local_gloo, shutdown_distributed
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
@@ -181,7 +181,7 @@ def worker(rank: int, world: int, port: int, config: dict, out_path: str) -> Non
         if rank == 0:
             Path(out_path).write_text(json.dumps(everyone))
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def run_config(args: argparse.Namespace, arch: str, zero: int) -> dict:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_scale.dist.comm import free_port, join_local_gloo
+from moco_scale.dist.comm import free_port, join_local_gloo, shutdown_distributed
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
@@ -154,7 +154,7 @@ def _rank(rank: int, port: int, arch: str, backend: str, args: argparse.Namespac
             {"init": worst[0].item(), "train": worst[1].item(), "params": worst[2].item(), "step_s": step_s}, out
         )
     dist.barrier()  # leave together
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def measure(arch: str, backend: str, args: argparse.Namespace, attempts: int = 2) -> dict[str, float]:

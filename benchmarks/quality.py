@@ -41,7 +41,7 @@ from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import two_view_batches
 from moco_scale.data.shards import list_shards
-from moco_scale.dist.comm import free_port
+from moco_scale.dist.comm import free_port, shutdown_distributed
 from moco_scale.eval.knn import KnnMonitor
 from moco_scale.optim import learning_rate
 
@@ -152,7 +152,7 @@ def reference_worker(rank: int, port: int, cfg: Config, out_path: str) -> None:
     knn_top1[t.max_steps] = knn()
     if rank == 0:
         Path(out_path).write_text(json.dumps({"losses": losses, "knn_top1": knn_top1}))
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def run_reference(cfg: Config, out_path: Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from moco_scale.dist.comm import free_port, join_local_gloo
+from moco_scale.dist.comm import free_port, join_local_gloo, shutdown_distributed
 from moco_scale.dist.queue import KeyQueue, ShardedKeyQueue
 from moco_scale.moco import info_nce
 
@@ -115,7 +115,7 @@ def worker(rank: int, port: int, method: str, size: int, args: argparse.Namespac
         if rank == 0:
             Path(out_path).write_text(json.dumps(everything))
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def run_pair(method: str, size: int, args: argparse.Namespace) -> list[dict]:

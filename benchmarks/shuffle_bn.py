@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_scale.dist import shuffle_bn
-from moco_scale.dist.comm import free_port
+from moco_scale.dist.comm import free_port, shutdown_distributed
 
 try:
     from benchmarks._common import environment, format_table, median, spread, time_interleaved, write_json
@@ -168,7 +168,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
         if rank == 0:
             Path(out_path).write_text(json.dumps(everything))
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def summarise(args: argparse.Namespace, per_rank: list[dict]) -> dict[str, object]:

@@ -50,7 +50,7 @@ import torch.multiprocessing as mp
 
 from moco_scale import profiling
 from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, validate
-from moco_scale.dist.comm import free_port, init_distributed, set_local_rank_env
+from moco_scale.dist.comm import free_port, init_distributed, set_local_rank_env, shutdown_distributed
 from moco_scale.engine.base import COMPUTE_DTYPES
 
 try:
@@ -286,7 +286,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
             Path(out_path).write_text(json.dumps(everyone))
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            shutdown_distributed()
 
 
 def summarise_method(name: str, per_rank: list[dict], global_batch: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from moco_scale.config import ConfigError, load_config
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.labelled import eval_loader, num_classes_of, train_loader
 from moco_scale.data.shards import DataError, count_samples, list_shards
-from moco_scale.dist.comm import init_distributed
+from moco_scale.dist.comm import init_distributed, shutdown_distributed
 from moco_scale.eval.linear import evaluate, frozen_backbone, linear_head, train_linear
 from moco_scale.models import RESNET_SPECS
 from moco_scale.weights import WeightsError, load_backbone
@@ -331,7 +331,7 @@ def main(
             flush=True,
         )
     dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

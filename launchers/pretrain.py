@@ -10,11 +10,15 @@ line before any process group, model or data loader is created.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below, which take seconds: a signal from now on is kept
+    from moco_scale.stop import STOP
+
+    STOP.install()
+
 import contextlib
 import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -38,7 +42,7 @@ from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import LoaderLayout, backend_of, remap_state, resolve_backend, two_view_batches
 from moco_scale.data.shards import DataError, count_samples, list_shards
-from moco_scale.dist.comm import DistInfo, init_distributed
+from moco_scale.dist.comm import DistInfo, init_distributed, leave_if_groups_linger, shutdown_distributed
 from moco_scale.engine.base import COMPUTE_DTYPES, TrainEngine
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
@@ -49,6 +53,7 @@ from moco_scale.models import build_resnet
 from moco_scale.optim import build_optimizer, key_momentum, learning_rate
 from moco_scale.plot import STAGE_PREFIX, plot_run
 from moco_scale.profiling import StageTimer
+from moco_scale.stop import STOP
 
 
 def resolve_shards(cfg: Config) -> tuple[list[str], list[str], list[str]]:
@@ -66,25 +71,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGUSR1 (preemption, SLURM's warning): finish the step, save, exit 0."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-            signal.siginterrupt(sig, False)  # restart a system call it interrupts (a write of a checkpoint)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank was signalled, so all stop after the same step."""
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def uses_channels_last(cfg: Config, ctx: DistInfo) -> bool:
@@ -145,7 +131,7 @@ class Diverged(RuntimeError):
 
 
 def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[str], resume_from: Path | None) -> None:
-    stop = StopRequest()  # first thing: from here on a signal ends in a checkpoint, not in a dead process
+    stop = STOP.install()  # installed already when run as a script; from here on a signal ends in a checkpoint
     ctx = init_distributed(cfg.engine.device, cfg.engine.timeout_s)
     global_batch = cfg.train.batch_size * ctx.world_size
     num_samples = count_samples(shards)
@@ -306,7 +292,6 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
     if ctx.is_main:
         print(f"{summary}; plots: {', '.join(map(str, plot_run(run_dir)))}", flush=True)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def main(config: str | None = None, local_rank: int | None = None, **overrides) -> None:
@@ -328,13 +313,13 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    exit_code = 0
     try:
         pretrain(cfg, shards, knn_bank, knn_val, resume_from)
     except Diverged as err:  # every rank agreed on it
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
-        dist.destroy_process_group()
-        sys.exit(3)
+        exit_code = 3
     except RuntimeError as err:
         if not lost_a_rank(err):
             raise
@@ -345,6 +330,9 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
             flush=True,
         )
         os._exit(1)  # the process group cannot be torn down without the lost rank
+    shutdown_distributed()  # here, once pretrain's frame (model, engine) and any traceback of it are gone
+    leave_if_groups_linger(exit_code)
+    sys.exit(exit_code)
 
 
 def lost_a_rank(err: RuntimeError) -> bool:

@@ -29,6 +29,7 @@ from test_linear_probe import _load_launcher as _load_linear_probe
 
 from moco_scale import checkpoint, fileio, weights
 from moco_scale.checkpoint import CheckpointError
+from moco_scale.dist.comm import shutdown_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 _TORCH_SAVE = torch.save
@@ -64,7 +65,7 @@ def one_rank() -> Iterator[None]:
     """A gloo process group of one, in this process."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _save(run: Path, step: int, keep_last: int = 2, keep_every: int = 0) -> Path:

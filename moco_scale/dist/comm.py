@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import os
 import socket
+import sys
+import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +94,74 @@ def init_distributed(device_preference: str = "auto", timeout_s: float | None = 
             timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s),
         )
     return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group, and drop the references that libraries keep to them.
+
+    ``destroy_process_group`` alone leaves a group alive while DeepSpeed (module globals, a method's
+    default argument) or DTensor (memoised redistribution plans and mesh layouts) still holds it. Its
+    native threads (gloo's transport loop and work threads) are then torn down by interpreter
+    finalization instead of joined here, and a finished rank was seen to abort there now and then
+    ("terminate called without an active exception"). ``native_group_threads`` checks the result.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    with warnings.catch_warnings():  # looking at torch.distributed.reduce_op warns that it is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        for name, module in list(sys.modules.items()):
+            if module is not None and name.startswith(("deepspeed.", "torch.distributed.")):
+                _forget_groups(module)
+    if "torch.distributed.tensor" in sys.modules:  # DTensor's plan caches hold the mesh, and it the group
+        from torch.distributed.tensor import _redistribute, debug
+
+        _redistribute.clear_redistribute_planner_cache()
+        debug._clear_sharding_prop_cache()
+    gc.collect()  # groups held only by reference cycles (modules, optimizers) go now, not at exit
+
+
+def _forget_groups(namespace: object) -> None:
+    """Drop the process groups a module or class holds: in its globals, in its functions' default
+    arguments and in its memoised functions' caches."""
+    for attr, value in list(vars(namespace).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(namespace, attr, None)
+            continue
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if isinstance(value, functools._lru_cache_wrapper):
+            value.cache_clear()
+        elif isinstance(value, types.FunctionType) and value.__defaults__:
+            value.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in value.__defaults__)
+        elif isinstance(value, type) and value.__module__ == getattr(namespace, "__name__", None):
+            _forget_groups(value)
+
+
+def native_group_threads() -> list[str]:
+    """Names of this process's native threads that belong to a process group (gloo, NCCL, the
+    rendezvous store); empty after ``shutdown_distributed``. Linux only (empty elsewhere)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/comm") as comm:
+                names.append(comm.read().strip())
+        except OSError:  # the thread ended while we looked
+            continue
+    return sorted(n for n in names if n.startswith(("gloo", "pt_gloo", "pt_nccl", "pt_tcpstore")))
+
+
+def leave_if_groups_linger(code: int = 0) -> None:
+    """Call after ``shutdown_distributed`` as a rank's last act: return if no process group is left, else
+    exit now with ``code``, skipping interpreter finalization, which must not be the one to destroy a live
+    group. DeepSpeed ZeRO-3 is the known case: its per-module autograd functions keep the model, and
+    through its parameters the group, alive until the interpreter ends."""
+    if native_group_threads():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def world_size() -> int:
