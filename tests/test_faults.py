@@ -66,15 +66,28 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300, poll: flo
 
 def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
     """The job's ranks, in rank order (loader workers are forks of a rank, with its command line)."""
-    ranks = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "RANK" in p.environ() and "launchers/pretrain.py" in p.cmdline() and p.parent().cmdline() != p.cmdline()
-    ]
+    ranks = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "RANK" in p.environ() and "launchers/pretrain.py" in p.cmdline() and p.parent().cmdline() != p.cmdline():
+                ranks.append(p)
+        except (psutil.Error, ProcessLookupError):  # a short-lived child, gone already
+            continue
     return sorted(ranks, key=lambda p: int(p.environ()["RANK"]))
 
 
+def _catches(rank: psutil.Process, sig: signal.Signals) -> bool:
+    """Whether ``rank`` has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{rank.pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
 CASES = [  # (when the signal comes, engine, loader, signal)
+    ("startup", "zero0", "torch", signal.SIGUSR1),
     ("training", "zero0", "torch", signal.SIGUSR1),
     ("save", "zero3", "dali", signal.SIGTERM),
     ("knn", "fsdp", "torch", signal.SIGUSR1),
@@ -102,7 +115,11 @@ def test_a_signal_to_the_whole_job_ends_in_a_checkpoint(
         f"--eval.every_steps={4 if phase == 'knn' else 0}",
     )
     root = checkpoint.checkpoint_root(run_dir)
-    if phase == "save":  # while the ranks write step 3 or 6
+    if phase == "startup":  # the ranks have just started importing torch (seconds): only the stop handler is in
+        _wait_for(lambda: len(_ranks(proc)) == 2 and all(_catches(p, sig) for p in _ranks(proc)), proc, poll=0.002)
+        loaded = [Path(f"/proc/{p.pid}/maps").read_text() for p in _ranks(proc)]
+        assert not any("libtorch" in maps for maps in loaded), "the handler should be in before torch is imported"
+    elif phase == "save":  # while the ranks write step 3 or 6
         _wait_for(lambda: any(root.glob("step_*.partial")), proc, poll=0.002)
     elif phase == "knn":  # step 4 trains (a fraction of a second), then the kNN pass over 1,797 images starts
         _wait_for(lambda: _records(run_dir) >= 4, proc)  # the step-0 kNN record and steps 1-3
@@ -110,7 +127,7 @@ def test_a_signal_to_the_whole_job_ends_in_a_checkpoint(
     else:
         _wait_for(lambda: _records(run_dir) >= 3, proc)
     workers = [p for rank in _ranks(proc) for p in rank.children()]
-    assert loader == "dali" or len(workers) >= 4, "the torch loader's workers should be running"
+    assert loader == "dali" or phase == "startup" or len(workers) >= 4, "the torch loader's workers should be running"
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
