@@ -78,10 +78,22 @@ def start(command: list[str], log: Path, **env: str) -> subprocess.Popen:
     )
 
 
-def last_step(run_dir: Path) -> int:
+def metrics_size(run_dir: Path) -> int:
     metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
+    return metrics.stat().st_size if metrics.exists() else 0
+
+
+def last_step(run_dir: Path, since: int = 0) -> int:
+    """The step of the last record in metrics.jsonl written after its first ``since`` bytes; 0 without one.
+    (A resumed job appends to the file: the records of the job it replaced are no news of this one.)"""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return 0
+    with metrics.open("rb") as f:
+        f.seek(since)
+        lines = f.read().decode().splitlines()
+    complete = [line for line in lines if line.endswith("}")]
+    return json.loads(complete[-1])["step"] if complete else 0
 
 
 def latest_step(run_dir: Path) -> int:
@@ -127,7 +139,7 @@ def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process | None:
         for child in psutil.Process(proc.pid).children():
             if child.environ().get("RANK") == str(rank):
                 return child
-    except psutil.Error:
+    except (psutil.Error, ProcessLookupError):  # the job, or a short-lived child, is gone
         pass
     return None
 
@@ -160,9 +172,9 @@ def chaos(work: Path, steps: int, every: int, kills: int, signals: int, seed: in
     mismatches: list[str] = []
     checked: set[int] = set()
     for event in [*events, "finish"]:
-        before = latest_step(run)
+        before, since = latest_step(run), metrics_size(run)
         proc = start(job(run, steps, every, "--checkpoint.resume=auto", "--checkpoint.keep_last=2"), log)
-        target = min(steps - 1, before + rng.randint(1, 2 * every))
+        target = min(steps - 1, before + rng.randint(1, every + 1))
         if event == "kill_in_save":
             next_save = min(steps, (before // every + 1) * every)
             partial = checkpoint.checkpoint_root(run) / f"step_{next_save:08d}.partial"
@@ -170,7 +182,7 @@ def chaos(work: Path, steps: int, every: int, kills: int, signals: int, seed: in
         elif event == "finish":
             hit = False
         else:
-            hit = wait_until(lambda target=target: last_step(run) >= target, proc)
+            hit = wait_until(lambda target=target, since=since: last_step(run, since) >= target, proc)
         struck = time.time()
         if hit and event in ("kill", "kill_in_save"):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -209,6 +221,7 @@ def chaos(work: Path, steps: int, every: int, kills: int, signals: int, seed: in
     interruptions = [r for r in rows if r[0] in ("kill", "kill_in_save", "usr1", "rank")]
     return {
         "rows": rows,
+        "faults_planned": len(events),
         "interruptions": len(interruptions),
         "kills_survived": sum(r[6] for r in interruptions),
         "checkpoints_compared": compared,
@@ -338,13 +351,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="1 kill, 1 signal, short runs (CI)")
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--signals", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=64, help="enough for every fault to strike before the end")
     parser.add_argument("--every", type=int, default=3, help="checkpoint interval in steps")
     parser.add_argument("--fuzz", type=int, default=200, help="fuzzed images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.smoke:
-        args.kills, args.signals, args.steps, args.every, args.fuzz = 1, 1, 8, 2, 20
+        args.kills, args.signals, args.steps, args.every, args.fuzz = 1, 1, 12, 2, 20
     ensure_demo_shards()
     with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
         work = Path(tmp)
@@ -356,6 +369,7 @@ def main() -> None:
     headers = ["fault", "from step", "reached", "checkpoint after", "steps lost", "exit", "survived"]
     print(format_table(headers, result["rows"]))
     summary = [
+        ["faults that struck before the run ended", f"{result['interruptions']} / {result['faults_planned']}"],
         ["kills and signals survived", f"{result['kills_survived']} / {result['interruptions']}"],
         [
             "checkpoints bitwise equal to the reference",
@@ -381,7 +395,9 @@ def goals_missed(result: dict[str, Any], every: int) -> list[str]:
     """The issue's goals, and what each fault must end in, that this run did not meet."""
     bad = result["bad_inputs"]
     checks = {
+        "every fault struck before the run ended": result["interruptions"] == result["faults_planned"],
         "every kill and signal survived": result["kills_survived"] == result["interruptions"],
+        "a dead rank ended the job": result["dead_rank_ended_job_s"] is not None,
         "every checkpoint bitwise equal": result["checkpoints_bitwise_equal"] == result["checkpoints_compared"] > 0,
         "final state bitwise equal": result["final_bitwise_equal"],
         "no checkpoint lost": result["checkpoints_lost"] == 0,
