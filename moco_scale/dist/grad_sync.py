@@ -1,17 +1,16 @@
 """Gradient averaging across ranks that overlaps the backward pass, for unsharded (ZeRO-0) training.
 
 Parameters are grouped into buckets of about ``bucket_mb`` (and of one dtype and device) in reverse
-registration order (roughly the order backward produces their gradients); each bucket has one persistent flat buffer, and every
-gradient is a view into its bucket's buffer (as DDP's ``gradient_as_bucket_view``): :meth:`attach`
-zeroes the buffers and points ``param.grad`` at the views before backward, so autograd accumulates
-straight into them and no gradient exists twice. When the last gradient of a bucket has been
-accumulated, an asynchronous ``all_reduce`` of the buffer starts while autograd goes on with the
-earlier layers. Reductions start in bucket order on every rank (a bucket that fills early waits for
-the ones before it), so the collectives match even if ranks finish their gradients in different
-orders. :meth:`wait` finishes them and divides by the world size in place. A gradient that autograd
-made on its own (no :meth:`attach`, or ``grad`` set to None since) is copied into its view first.
-The buffers are allocated once, so no step pays for fresh pages (a 46 MB flatten per step faulted
-them in under DeepSpeed's ZeRO-0 path).
+registration order (roughly the order backward produces their gradients); each bucket has one persistent flat
+buffer, and every gradient is a view into its bucket's buffer (as DDP's ``gradient_as_bucket_view``):
+:meth:`attach` zeroes the buffers and points ``param.grad`` at the views before backward, so autograd
+accumulates straight into them and no gradient exists twice. When the last gradient of a bucket has been
+accumulated, an asynchronous ``all_reduce`` of the buffer starts while autograd goes on with the earlier
+layers. Reductions start in bucket order on every rank (a bucket that fills early waits for the ones before
+it), so the collectives match even if ranks finish their gradients in different orders. :meth:`wait` finishes
+them and divides by the world size in place. A gradient that autograd made on its own (no :meth:`attach`, or
+``grad`` set to None since) is copied into its view first. The buffers are allocated once, so no step pays for
+fresh pages (a 46 MB flatten per step faulted them in under DeepSpeed's ZeRO-0 path).
 
 Every rank must produce the same set of gradients each step (true for MoCo: the whole query side
 is used); a bucket still incomplete when :meth:`wait` is called is reduced there, its missing
