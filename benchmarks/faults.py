@@ -21,6 +21,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,9 +214,8 @@ def chaos(work: Path, steps: int, every: int, kills: int, signals: int, seed: in
                 differ = differences(contents(ckpt), reference_at[step])
                 equal += not differ
                 mismatches += differ[:5]
-        rows.append(
-            [event if hit else f"{event} (run ended first)", before, reached, after, reached - after, code, survived]
-        )
+        label = event if hit or event == "finish" else f"{event} (run ended first)"
+        rows.append([label, before, reached, after, reached - after, code, survived])
         subprocess.run(["pkill", "-9", "-f", f"train.run_dir={run}"], check=False)  # nothing may outlive a job
     final_equal = not differences(contents(checkpoint.locate(run)), reference_at[steps])
     interruptions = [r for r in rows if r[0] in ("kill", "kill_in_save", "usr1", "rank")]
@@ -366,6 +366,8 @@ def main() -> None:
         result["nan"] = nan_run(work, args.steps, args.every)
         result["bad_inputs"] = bad_input_runs(work, args.fuzz, args.seed)
         result["wall_s"] = time.time() - started
+        if args.json:  # every job's output, for whoever reads a failed row
+            shutil.copy(work / "jobs.log", Path(args.json).with_suffix(".jobs.log"))
     headers = ["fault", "from step", "reached", "checkpoint after", "steps lost", "exit", "survived"]
     print(format_table(headers, result["rows"]))
     summary = [
