@@ -206,7 +206,6 @@ def rank_methods(args: argparse.Namespace, cfg: Config, rank: int, world: int) -
     if "compute" in args.mode_list:
         methods["compute"] = lambda: our_step(*views, "compute")
     if "e2e" in args.mode_list:
-        from moco_scale.data.augment import moco_views
         from moco_scale.data.loader import resolve_backend, two_view_batches
 
         shards = launcher.resolve_shards(cfg)[0]
@@ -214,7 +213,7 @@ def rank_methods(args: argparse.Namespace, cfg: Config, rank: int, world: int) -
         batches = two_view_batches(
             data_backend,
             shards,
-            moco_views(cfg.data.augmentation, cfg.data.image_size),
+            cfg.aug.views(cfg.data.image_size),
             cfg.train.batch_size,
             rank,
             world,

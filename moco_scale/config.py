@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from moco_scale.data.augment import PRESETS, Augmentation, ViewSpec
 from moco_scale.fileio import write_atomically
 from moco_scale.models import RESNET_SPECS
 
@@ -28,10 +29,23 @@ class DataConfig:
     path: str = "demo"  # "demo" (built-in shards), a folder of .tar shards, or a glob
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed
     image_size: int = 224
-    augmentation: Literal["v1", "v2", "v3"] = "v2"
+    augmentation: Literal["v1", "v2", "v3"] = "v2"  # the preset that aug.* starts from
     workers: int = 4
     shuffle_buffer: int = 1000
     seed: int = 0
+
+
+@dataclass
+class AugConfig:
+    """Each view's augmentation: ``data.augmentation``'s preset, with the fields set as ``aug.view1.X`` or
+    ``aug.view2.X`` replaced; ``aug.X`` sets X for both views. A run's config.yaml records every value."""
+
+    view1: Augmentation = field(default_factory=lambda: PRESETS["v2"][0])
+    view2: Augmentation = field(default_factory=lambda: PRESETS["v2"][1])
+
+    def views(self, size: int) -> tuple[ViewSpec, ViewSpec]:
+        """The two views the loaders make, at ``size`` px."""
+        return ViewSpec(size, self.view1), ViewSpec(size, self.view2)
 
 
 @dataclass
@@ -123,6 +137,7 @@ class EvalConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -136,11 +151,20 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-FIELDS = tuple(
-    f"{section.name}.{f.name}"
-    for section in dataclasses.fields(Config)
-    for f in dataclasses.fields(section.default_factory)
-)
+VIEWS = tuple(f.name for f in dataclasses.fields(AugConfig))
+AUG_FIELDS = tuple(f.name for f in dataclasses.fields(Augmentation))
+
+
+def _dotted_fields(cls: type, prefix: str) -> list[str]:
+    """Every leaf field under ``cls``, dotted: ``train.max_steps``, ``aug.view1.crop_scale``."""
+    names = []
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        names += _dotted_fields(kind, f"{prefix}{f.name}.") if dataclasses.is_dataclass(kind) else [prefix + f.name]
+    return names
+
+
+FIELDS = tuple(_dotted_fields(Config, ""))
 ARCHS = tuple(RESNET_SPECS)
 # What a resumed run may change without breaking its exact continuation: where it writes, how it logs and
 # evaluates, how it checkpoints, and how long it waits. Any other field must match the checkpoint's config
@@ -222,18 +246,33 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     types_ = _field_types(classes[section_name])
     if not field_name:
         raise ConfigError(f"{dotted!r} names a section, not a field; fields: {', '.join(types_)}")
+    if section_name == "aug":
+        _set_augmentation(cfg.aug, dotted, value)
+        return
     if field_name not in types_:
         raise ConfigError(f"unknown field {dotted!r}; fields of {section_name}: {', '.join(types_)}")
     setattr(getattr(cfg, section_name), field_name, _coerce(value, types_[field_name], dotted))
+
+
+def _set_augmentation(aug: AugConfig, dotted: str, value: Any) -> None:
+    """``aug.X`` (both views) or ``aug.viewN.X``."""
+    parts = dotted.split(".")[1:]
+    views, name = (VIEWS, parts[0]) if len(parts) == 1 else (parts[:1], parts[1] if len(parts) == 2 else "")
+    if name in VIEWS or views[0] not in VIEWS or name not in AUG_FIELDS:
+        raise ConfigError(
+            f"unknown field {dotted!r}: aug takes aug.X (both views) or aug.view1.X / aug.view2.X, "
+            f"X one of {', '.join(AUG_FIELDS)}"
+        )
+    coerced = _coerce(value, typing.get_type_hints(Augmentation)[name], dotted)
+    for view in views:
+        setattr(aug, view, dataclasses.replace(getattr(aug, view), **{name: coerced}))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and not prefix:
-            if not value:
-                continue
+        if isinstance(value, dict):
             flat.update(_flatten(value, f"{dotted}."))
         elif not prefix:
             raise ConfigError(f"top-level key {key!r} must be a section; sections: {', '.join(SECTIONS)}")
@@ -243,8 +282,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` ({"train.max_steps": 50, ...})."""
-    cfg = Config()
+    """Defaults, then the YAML file at ``path``, then ``overrides`` ({"train.max_steps": 50, ...}).
+
+    The ``aug.*`` settings go last, in their order, over the preset that ``data.augmentation`` names."""
+    settings: list[tuple[str, Any]] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -255,9 +296,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        for dotted, value in _flatten(tree).items():
+        settings += _flatten(tree).items()
+    settings += (overrides or {}).items()
+    cfg = Config()
+    augmentation = [(dotted, value) for dotted, value in settings if dotted.split(".")[0] == "aug"]
+    for dotted, value in settings:
+        if dotted.split(".")[0] != "aug":
             _set(cfg, dotted, value)
-    for dotted, value in (overrides or {}).items():
+    cfg.aug = AugConfig(*PRESETS[cfg.data.augmentation])
+    for dotted, value in augmentation:
         _set(cfg, dotted, value)
     validate(cfg)
     return cfg
@@ -313,6 +360,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for name, value in in_unit_interval.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    for view in VIEWS:
+        problems = getattr(cfg.aug, view).problems()
+        if problems:
+            raise ConfigError(f"aug.{view}.{problems[0]}")
     if o.trust_coefficient <= 0:
         raise ConfigError(f"optim.trust_coefficient must be > 0, got {o.trust_coefficient}")
     if cfg.engine.timeout_s < 1:
@@ -365,9 +416,8 @@ def changed_fields(saved: dict[str, Any], cfg: Config) -> list[str]:
     for name in FIELDS:
         if name in RESUMABLE_CHANGES:
             continue
-        section, field_name = name.split(".")
-        old = saved.get(section, {}).get(field_name, current[section][field_name])
-        if _plain(old) != current[section][field_name]:
+        now = _lookup(current, name)
+        if _lookup(saved, name, default=now) != now:
             changed.append(name)
     return changed
 
@@ -391,9 +441,13 @@ def check_resumable(
         )
 
 
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-    section, field_name = dotted.split(".")
-    return _plain(tree[section][field_name])
+def _lookup(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    """The value at ``dotted`` in a nested dict; ``default`` where the path does not exist."""
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return default
+        tree = tree[key]
+    return _plain(tree)
 
 
 def parse_cli_overrides(flags: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, save_config, validate
+from moco_scale.config import (
+    Config,
+    ConfigError,
+    changed_fields,
+    load_config,
+    parse_cli_overrides,
+    save_config,
+    validate,
+)
 from moco_scale.engine.deepspeed import deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -33,7 +42,20 @@ def test_overrides_are_typed() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"bogus.x": 1}, "unknown section 'bogus'.*sections: data, model"),
+        ({"bogus.x": 1}, "unknown section 'bogus'.*sections: data, aug, model"),
+        ({"aug.crop_scale": [0.5, 1.5]}, r"aug.view1.crop_scale must satisfy 0 < low <= high <= 1, got \[0.5, 1.5\]"),
+        ({"aug.view2.crop_scale": [0.9, 0.2]}, r"aug.view2.crop_scale must satisfy 0 < low <= high <= 1"),
+        ({"aug.view2.solarize_p": 1.2}, r"aug.view2.solarize_p is a probability, in \[0, 1\], got 1.2"),
+        ({"aug.view1.jitter": [0.4, 0.4, 0.4, 0.6]}, r"aug.view1.jitter needs .* hue in \[0, 0.5\]"),
+        ({"aug.blur_sigma": [0, 2]}, "aug.view1.blur_sigma must satisfy 0 < low <= high"),
+        ({"aug.crop_ratio": [2, 1]}, "aug.view1.crop_ratio must satisfy 0 < low <= high"),
+        ({"aug.solarize_threshold": 300}, r"aug.view1.solarize_threshold is a pixel level in \[0, 256\]"),
+        ({"aug.flip_p": None}, "aug.flip_p: expected a number, got None"),
+        ({"aug.crop_scale": [0.2]}, "aug.crop_scale: expected 2 values, got 1"),
+        ({"aug.view3.flip_p": 0}, r"unknown field 'aug.view3.flip_p': aug takes aug.X \(both views\)"),
+        ({"aug.view1": 0}, "unknown field 'aug.view1'"),
+        ({"aug": 0}, "'aug' names a section, not a field; fields: view1, view2"),
+        ({"aug.flip": 0}, "unknown field 'aug.flip'.*flip_p"),
         ({"train.max_stepz": 1}, "unknown field 'train.max_stepz'.*max_steps"),
         ({"train.max_steps": "abc"}, "train.max_steps: expected an integer, got 'abc'"),
         ({"moco.momentum": "fast"}, "moco.momentum: expected a number, got 'fast'"),
@@ -101,6 +123,36 @@ def test_paper_defaults() -> None:
     assert (v3.optim.name, v3.optim.base_lr, v3.optim.warmup_epochs, v3.moco.shuffle_bn) == ("lars", 0.6, 10, "sync")
     assert (v3.moco.dim, v3.moco.mlp_dim) == (256, 4096)
     assert Config().moco.queue_size == 65536 and Config().moco.momentum == 0.999
+
+
+def test_augmentation_starts_from_the_preset_and_takes_both_views_then_one() -> None:
+    v3 = load_config(CONFIGS / "mocov3_r50.yaml")
+    assert (v3.aug.view1.blur_p, v3.aug.view2.blur_p, v3.aug.view2.solarize_p) == (1.0, 0.1, 0.2)
+    assert v3.aug.view1.crop_scale == (0.08, 1.0)
+    cfg = load_config(
+        CONFIGS / "demo.yaml",
+        {"aug.view2.flip_p": "0.25", "aug.crop_scale": "[0.5,1]", "aug.flip_p": 0, "data.augmentation": "v1"},
+    )
+    # the preset is v1 wherever the flag stands; the shorthand after the per-view flag overrides it, in order
+    assert cfg.aug.view1.jitter == cfg.aug.view2.jitter == (0.4, 0.4, 0.4, 0.4) and cfg.aug.view1.blur_p == 0.0
+    assert cfg.aug.view1.crop_scale == cfg.aug.view2.crop_scale == (0.5, 1.0)
+    assert cfg.aug.view1.flip_p == cfg.aug.view2.flip_p == 0.0
+    nested = parse_cli_overrides({"aug": {"view2": {"solarize_p": 0.2}}})  # fire's --aug='{view2: {...}}'
+    cfg = load_config(CONFIGS / "demo.yaml", nested)
+    assert (cfg.aug.view1.solarize_p, cfg.aug.view2.solarize_p) == (0.0, 0.2)
+
+
+def test_run_config_records_resolved_augmentation(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "demo.yaml", {"data.augmentation": "v3", "aug.view1.solarize_threshold": 100})
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["aug"]
+    assert saved["view2"]["solarize_p"] == 0.2 and saved["view1"]["solarize_threshold"] == 100
+    assert saved["view1"]["crop_scale"] == [0.08, 1.0] and saved["view1"]["blur_sigma"] == [0.1, 2.0]
+    assert load_config(tmp_path / "config.yaml") == cfg
+    changed = load_config(tmp_path / "config.yaml", {"aug.view2.blur_p": 0.5})
+    assert changed_fields(cfg.to_dict(), changed) == ["aug.view2.blur_p"]
+    old_checkpoint = {k: v for k, v in cfg.to_dict().items() if k != "aug"}  # written before aug existed
+    assert changed_fields(old_checkpoint, changed) == []
 
 
 def test_fire_style_overrides_and_round_trip(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ pytest.importorskip("nvidia.dali")
 
 from nvidia.dali.tensors import TensorListCPU
 
-from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, moco_views
+from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, ViewSpec, moco_views
 from moco_scale.data.dali import (
     DaliTwoViewLoader,
     build_two_view_pipeline,
@@ -29,7 +29,7 @@ from moco_scale.data.torch_loader import two_view_loader
 
 LUMA = (0.299, 0.587, 0.114)
 # every view equals its decoded image, up to an optional flip: no crop, colour change or blur
-PLAIN = ViewSpec(32, crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.0)
+PLAIN = ViewSpec(32, Augmentation(crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.0))
 
 
 def _pixels(views: torch.Tensor | TensorListCPU) -> torch.Tensor:
@@ -154,31 +154,37 @@ def test_two_ranks_split_each_epoch_without_overlap(demo_shards: dict[str, Path]
         assert not set(mine) & set(theirs) and set(mine) | set(theirs) == everything
 
 
+def _varied(spec: ViewSpec, **changes: object) -> ViewSpec:
+    return ViewSpec(spec.size, replace(spec.aug, **changes))
+
+
 def test_flip_mirrors_the_decoded_image(color_shards: list[str]) -> None:
-    view, flipped, _ = _run(color_shards, (PLAIN, replace(PLAIN, flip_p=1.0)))
+    view, flipped, _ = _run(color_shards, (PLAIN, _varied(PLAIN, flip_p=1.0)))
     image = _decoded(color_shards, _keys(view))
     torch.testing.assert_close(_pixels(view), image, atol=1e-3, rtol=0)
     torch.testing.assert_close(_pixels(flipped), image.flip(-1), atol=1e-3, rtol=0)
 
 
 def test_grayscale_makes_channels_equal(color_shards: list[str]) -> None:
-    color = ViewSpec(24, jitter_p=0.0, grayscale_p=0.0)
-    view, gray, _ = _run(color_shards, (color, replace(color, grayscale_p=1.0)))
+    color = ViewSpec(24, Augmentation(jitter_p=0.0, grayscale_p=0.0))
+    view, gray, _ = _run(color_shards, (color, _varied(color, grayscale_p=1.0)))
     spread = [(x.amax(1) - x.amin(1)).amax((1, 2)) for x in (_pixels(view), _pixels(gray))]  # per image
     assert (spread[0] > 20).all() and (spread[1] < 0.01).all()
 
 
-def test_solarize_inverts_pixels_from_128(color_shards: list[str]) -> None:
-    view, solarized, _ = _run(color_shards, (PLAIN, replace(PLAIN, solarize_p=1.0)))
+@pytest.mark.parametrize("threshold", [128, 200])
+def test_solarize_inverts_pixels_from_the_threshold(color_shards: list[str], threshold: int) -> None:
+    view, solarized, _ = _run(color_shards, (PLAIN, _varied(PLAIN, solarize_p=1.0, solarize_threshold=threshold)))
     pixels = _pixels(view).round()
-    assert (pixels >= 128).float().mean() > 0.2
-    torch.testing.assert_close(_pixels(solarized), torch.where(pixels >= 128, 255 - pixels, pixels), atol=1e-3, rtol=0)
+    assert (pixels >= threshold).float().mean() > 0.05
+    expected = torch.where(pixels >= threshold, 255 - pixels, pixels)
+    torch.testing.assert_close(_pixels(solarized), expected, atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("which", ["brightness", "contrast"])
 def test_jitter_scales_about_black_or_the_mean_gray(color_shards: list[str], which: str) -> None:
     jitter = (0.4, 0.0, 0.0, 0.0) if which == "brightness" else (0.0, 0.4, 0.0, 0.0)
-    view, jittered, _ = _run(color_shards, (PLAIN, replace(PLAIN, jitter=jitter, jitter_p=1.0)))
+    view, jittered, _ = _run(color_shards, (PLAIN, _varied(PLAIN, jitter=jitter, jitter_p=1.0)))
     factors = []
     for before, after in zip(_pixels(view), _pixels(jittered), strict=True):
         center = 0.0 if which == "brightness" else (before * torch.tensor(LUMA).view(3, 1, 1)).sum(0).mean()

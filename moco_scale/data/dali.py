@@ -35,9 +35,12 @@ if TYPE_CHECKING:
     from nvidia.dali.types import DALIDataType
 
 READER = "reader"
-ASPECT_RATIO = (3 / 4, 4 / 3)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-SOLARIZED = [float(v if v < 128 else 255 - v) for v in range(256)]  # torchvision's threshold 128
+
+
+def solarized(threshold: float) -> list[float]:
+    """The lookup table of a solarization: levels at or above ``threshold`` inverted, as torchvision and PIL do."""
+    return [float(v if v < threshold else 255 - v) for v in range(256)]
 
 
 def dali_available() -> bool:
@@ -71,15 +74,16 @@ def _augment(image: DataNode, spec: ViewSpec, dtype: DALIDataType, layout: str) 
     """One view of decoded HWC uint8 images; ``if`` on a DataNode is a per-sample branch (DALI conditionals)."""
     from nvidia.dali import fn, types
 
+    aug = spec.aug
     x = fn.random_resized_crop(
         image,
         size=[spec.size, spec.size],
-        random_area=list(spec.crop_scale),
-        random_aspect_ratio=list(ASPECT_RATIO),
+        random_area=list(aug.crop_scale),
+        random_aspect_ratio=list(aug.crop_ratio),
         antialias=True,
     )
-    brightness, contrast, saturation, hue = spec.jitter
-    if spec.jitter_p > 0 and fn.random.coin_flip(probability=spec.jitter_p, dtype=types.BOOL):
+    brightness, contrast, saturation, hue = aug.jitter
+    if aug.jitter_p > 0 and fn.random.coin_flip(probability=aug.jitter_p, dtype=types.BOOL):
         if brightness > 0 or contrast > 0:
             # torchvision's contrast blends with the image's mean gray, not with mid-gray: pass it as the centre
             # (argument inputs live on the CPU: .cpu() is a no-op there and a per-sample scalar copy on the GPU)
@@ -91,17 +95,17 @@ def _augment(image: DataNode, spec: ViewSpec, dtype: DALIDataType, layout: str) 
         if saturation > 0 or hue > 0:
             # torchvision's hue factor h shifts hue by U(-h, h) of a full turn; DALI's hue is in degrees: 360 h
             x = fn.hsv(x, saturation=_factor(saturation), hue=_uniform(-360.0 * hue, 360.0 * hue))
-    if spec.grayscale_p > 0 and fn.random.coin_flip(probability=spec.grayscale_p, dtype=types.BOOL):
+    if aug.grayscale_p > 0 and fn.random.coin_flip(probability=aug.grayscale_p, dtype=types.BOOL):
         gray = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
         x = fn.color_space_conversion(gray, image_type=types.GRAY, output_type=types.RGB)
-    if spec.blur_p > 0 and fn.random.coin_flip(probability=spec.blur_p, dtype=types.BOOL):
+    if aug.blur_p > 0 and fn.random.coin_flip(probability=aug.blur_p, dtype=types.BOOL):
         # window 2*ceil(3 sigma)+1 taps from sigma, like fb/moco's PIL radius blur; fixed 23 taps cost ~3x on CPU
-        x = fn.gaussian_blur(x, sigma=_uniform(*spec.blur_sigma))
-    if spec.solarize_p > 0 and fn.random.coin_flip(probability=spec.solarize_p, dtype=types.BOOL):
-        x = fn.lookup_table(x, keys=list(range(256)), values=SOLARIZED, dtype=types.UINT8)
+        x = fn.gaussian_blur(x, sigma=_uniform(*aug.blur_sigma))
+    if aug.solarize_p > 0 and fn.random.coin_flip(probability=aug.solarize_p, dtype=types.BOOL):
+        x = fn.lookup_table(x, keys=list(range(256)), values=solarized(aug.solarize_threshold), dtype=types.UINT8)
     return fn.crop_mirror_normalize(
         x,
-        mirror=fn.random.coin_flip(probability=spec.flip_p),
+        mirror=fn.random.coin_flip(probability=aug.flip_p),
         mean=[255.0 * m for m in IMAGENET_MEAN],
         std=[255.0 * s for s in IMAGENET_STD],
         dtype=dtype,

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
-from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
+from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, LINEAR_EVAL, ViewSpec
 from moco_scale.data.shards import DataError, excluded_samples, shard_sizes
 from moco_scale.data.torch_loader import (
     StreamBatches,
@@ -51,7 +51,7 @@ CROP_FRACTION = 0.875
 
 def linear_eval_view(size: int) -> ViewSpec:
     """MoCo's linear-classification training view: random-resized crop (scale 0.08-1) and flip only."""
-    return ViewSpec(size, crop_scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    return ViewSpec(size, LINEAR_EVAL)
 
 
 def eval_transform(size: int) -> T.Compose:

@@ -57,15 +57,16 @@ class SigmaGaussianBlur(torch.nn.Module):
 
 def view_transform(spec: ViewSpec) -> T.Compose:
     """torchvision ops for one view, on uint8 image tensors."""
+    aug = spec.aug
     return T.Compose(
         [
             T.PILToTensor(),
-            T.RandomResizedCrop(spec.size, scale=spec.crop_scale, antialias=True),
-            T.RandomApply([T.ColorJitter(*spec.jitter)], p=spec.jitter_p),
-            T.RandomGrayscale(p=spec.grayscale_p),
-            T.RandomApply([SigmaGaussianBlur(spec.blur_sigma)], p=spec.blur_p),
-            T.RandomSolarize(threshold=128, p=spec.solarize_p),
-            T.RandomHorizontalFlip(p=spec.flip_p),
+            T.RandomResizedCrop(spec.size, scale=aug.crop_scale, ratio=aug.crop_ratio, antialias=True),
+            T.RandomApply([T.ColorJitter(*aug.jitter)], p=aug.jitter_p),
+            T.RandomGrayscale(p=aug.grayscale_p),
+            T.RandomApply([SigmaGaussianBlur(aug.blur_sigma)], p=aug.blur_p),
+            T.RandomSolarize(threshold=aug.solarize_threshold, p=aug.solarize_p),
+            T.RandomHorizontalFlip(p=aug.flip_p),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
