@@ -34,25 +34,26 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import PIL
 import torch
 import torchvision
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets
-from torchvision import transforms as T
 
-from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, moco_views
+from moco_scale.data.augment import moco_views
 from moco_scale.data.shards import write_shards
 from moco_scale.data.torch_loader import two_view_loader
 
 try:
     from benchmarks._common import environment, format_table, median, spread, write_json
+    from benchmarks.reference_data import two_crops
 except ModuleNotFoundError:  # run as ``python benchmarks/data_throughput.py``: the script's folder is on sys.path
     from _common import environment, format_table, median, spread, write_json
+    from reference_data import two_crops
 
 SEED = 0
 SHARD_SIZE = 128
@@ -121,41 +122,6 @@ def write_dataset(samples: list[tuple[str, bytes, int]], names: list[str], root:
     return folder, [str(p) for p in shards]
 
 
-class PILGaussianBlur:
-    """SimCLR's blur as fb/moco applies it: a PIL Gaussian blur of radius sigma ~ U(low, high)."""
-
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
-        self.sigma = sigma
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-class TwoCropsTransform:
-    """Two independent draws of one transform: the query and key views."""
-
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.transform = transform
-
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        return [self.transform(image), self.transform(image)]
-
-
-def reference_transform(size: int) -> T.Compose:
-    """fb/moco's MoCo v2 augmentation (``--aug-plus``) on PIL images."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        ]
-    )
-
-
 def endless(loader: DataLoader) -> Iterator[object]:
     """A DataLoader's batches over epoch after epoch (its persistent workers carry over)."""
     while True:
@@ -170,7 +136,7 @@ def build_loader(name: str, folder: Path, shards: list[str], args: argparse.Name
         return DaliTwoViewLoader(shards, views, args.batch, 0, 1, seed=SEED, device_id=None, num_threads=args.workers)
     if name == "torch":
         return two_view_loader(shards, views, args.batch, 0, 1, workers=args.workers, seed=SEED)
-    dataset = datasets.ImageFolder(str(folder), TwoCropsTransform(reference_transform(args.size)))
+    dataset = datasets.ImageFolder(str(folder), two_crops(views))
     loader = DataLoader(
         dataset,
         batch_size=args.batch,
