@@ -38,7 +38,6 @@ from moco_scale.config import (
     save_config,
     validate,
 )
-from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import LoaderLayout, backend_of, remap_state, resolve_backend, two_view_batches
 from moco_scale.data.shards import DataError, count_samples, list_shards
@@ -168,7 +167,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
     batches = two_view_batches(
         cfg.data.backend,
         shards,
-        moco_views(cfg.data.augmentation, cfg.data.image_size),
+        cfg.aug.views(cfg.data.image_size),
         cfg.train.batch_size,
         ctx.rank,
         ctx.world_size,
@@ -254,6 +253,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
                 {
                     "step": step + 1,
                     "loss": stats[0].item(),
+                    "loss_chance": collapse.chance,
                     "inst_acc": stats[1].item(),
                     "lr": lr,
                     "momentum": momentum,

@@ -1,7 +1,8 @@
 """Plots of a run: ``python -m moco_scale.plot RUN_DIR`` draws ``metrics.jsonl`` into PNGs beside it.
 
 - ``metrics.png``: one panel per logged quantity against the step (loss, instance accuracy, learning
-  rate, key momentum, pairs/s, kNN top-1, bad samples);
+  rate, key momentum, pairs/s, kNN top-1, bad samples); the loss panel draws the chance level
+  (``loss_chance``: ln(K+1) with a queue) as a dashed line;
 - ``step_time.png``: where a step's time goes (the ``ms_<stage>`` records of the stage timer),
   stacked against the step, and the run's mean share of each stage.
 
@@ -61,6 +62,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 
 def _plot_metrics(run_dir: Path, records: dict[int, dict]) -> Path:
+    out = run_dir / "metrics.png"
+    metrics_figure(records, str(run_dir)).savefig(out, dpi=100)
+    return out
+
+
+def metrics_figure(records: dict[int, dict], title: str) -> Figure:
+    """The panels of ``metrics.png`` for records by step."""
     steps = sorted(records)
     shown = [key for key in PANELS if any(key in records[s] for s in steps)]
     columns = min(3, len(shown))
@@ -70,16 +78,18 @@ def _plot_metrics(run_dir: Path, records: dict[int, dict]) -> Path:
     for ax, key in zip(axes.flat, shown, strict=False):
         xs = [s for s in steps if key in records[s]]
         ax.plot(xs, [records[s][key] for s in xs], marker="." if len(xs) < 50 else None)
+        chance = [records[s]["loss_chance"] for s in xs if key == "loss" and "loss_chance" in records[s]]
+        if chance:
+            ax.axhline(chance[-1], color="gray", linestyle="--", label=f"chance {chance[-1]:.2f}")
+            ax.legend(loc="upper right", fontsize="small")
         ax.set_title(PANELS[key])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
-    figure.suptitle(str(run_dir))
+    figure.suptitle(title)
     figure.tight_layout()
-    out = run_dir / "metrics.png"
-    figure.savefig(out, dpi=100)
-    return out
+    return figure
 
 
 def _plot_step_time(run_dir: Path, records: dict[int, dict]) -> Path:

@@ -28,6 +28,21 @@ def test_plots_every_logged_quantity(tmp_path: Path) -> None:
     assert not (tmp_path / "step_time.png").exists()  # no stage times logged
 
 
+def test_the_loss_panel_draws_the_chance_level(tmp_path: Path) -> None:
+    records = {s: {"step": s, "loss": 5.0 - 0.1 * s, "loss_chance": 5.5530, "inst_acc": 0.1} for s in range(1, 6)}
+    figure = plot.metrics_figure(records, "run")
+    loss_panel = next(ax for ax in figure.axes if ax.get_title() == "InfoNCE loss")
+    flat = [line for line in loss_panel.get_lines() if set(line.get_ydata()) == {5.5530}]
+    assert len(flat) == 1 and "chance 5.55" in [t.get_text() for t in loss_panel.get_legend().get_texts()]
+    acc_panel = next(ax for ax in figure.axes if ax.get_title() == "instance accuracy")
+    assert len(acc_panel.get_lines()) == 1  # the chance level is the loss's
+    del records[5]["loss_chance"]  # a run logged before loss_chance existed: no line, no error
+    assert (
+        len(next(ax for ax in plot.metrics_figure(records, "run").axes if ax.get_title() == "InfoNCE loss").get_lines())
+        == 2
+    )
+
+
 def test_step_time_breakdown(tmp_path: Path) -> None:
     stages = {"ms_data_wait": 5.0, "ms_query_fwd_bwd": 60.0, "ms_key_fwd": 20.0, "ms_ema": 1.0, "ms_step": 86.0}
     records = [{"step": s, "loss": 5.0, **stages} for s in range(5, 55, 5)]
