@@ -1,19 +1,27 @@
-"""Does the demo learn like a plain MoCo? The launcher's run beside fb/moco-style reference training.
+"""Does moco_scale learn like fb/moco? Four arms on one protocol, data path included, over seeds.
 
-Both train MoCo v2 on the built-in digits with the protocol of ``configs/demo.yaml`` (ResNet-18, 32 px,
-K, m, T, peak lr with warm-up and cosine, weight decay, batch per rank, steps, the same two-view
-loader), on 2 gloo ranks, for each seed:
+Arms, each on 2 gloo ranks, fp32:
 
-- ours: ``deepspeed --num_gpus 2 launchers/pretrain.py --config configs/demo.yaml``;
-- reference: ``benchmarks/reference_moco.py`` (per-parameter EMA loop, gather/broadcast shuffle-BN,
-  DDP, fp32) in a loop written here.
+- ``ours-dali``, ``ours-torch``: ``deepspeed --num_gpus 2 launchers/pretrain.py --config configs/demo.yaml``
+  with the protocol's flags and ``--data.backend=dali`` / ``torch``;
+- ``ref-our-loader``: ``benchmarks/reference_moco.py`` (fb/moco's way: per-parameter EMA loop,
+  gather/broadcast shuffle-BN, DDP) trained in a loop written here, fed by our loader (``data.backend=auto``);
+- ``ref-pil``: the same reference fed by fb/moco's data path (``benchmarks/reference_data.py``: the demo's
+  training images unpacked into an ImageFolder tree, PIL transforms from the same augmentation spec,
+  a DistributedSampler).
 
-Both report the loss every ``log_every`` steps and the kNN top-1 (k=200, T=0.1) of the 300 held-out
-digits against the 1,497 training digits, at random init and at the end, through the same
-:class:`KnnMonitor`. ``--json`` gets the curves and a summary: mean and spread over seeds of the last
-losses and of the final kNN top-1, and their differences (ours - reference).
+Protocols (``--protocols``): ``demo`` is ``configs/demo.yaml`` as it is; ``divergent`` is the one on which
+fb/moco's code and ours were seen to part (issue 13): 64 px digits, ResNet-18, K=256, T=0.1, m=0.99, SGD
+lr 0.06 at the global batch of 128, weight decay 5e-4, cosine without warm-up, the v2 recipe, 600 steps,
+64 per rank.
 
-    python benchmarks/quality.py --seeds 0 1 --json quality.json
+Every arm logs the loss and the instance accuracy every ``train.log_every`` steps and the kNN top-1
+(k=200, T=0.1, the 300 held-out digits against the 1,497 training ones, one :class:`KnnMonitor`) at
+random init and at the end. ``--json`` gets the curves, and per protocol and arm the mean and spread
+over seeds of the last losses, the final instance accuracy and the final kNN top-1; ``--plot`` draws
+the loss and instance-accuracy curves (mean over seeds) per protocol.
+
+    python benchmarks/quality.py --seeds 0 1 2 --json quality.json --plot quality.png
 """
 
 from __future__ import annotations
@@ -34,10 +42,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import environment, format_table, write_json
+from reference_data import image_folder_batches, unpack_to_image_folder
 from reference_moco import ReferenceMoCo, ReferenceTrainer
 
 from moco_scale.config import Config, load_config
-from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import two_view_batches
 from moco_scale.data.shards import list_shards
@@ -47,30 +55,54 @@ from moco_scale.optim import learning_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
+ARMS = ("ours-dali", "ours-torch", "ref-our-loader", "ref-pil")
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "demo": {},
+    "divergent": {
+        "data.image_size": 64,
+        "data.augmentation": "v2",
+        "model.arch": "resnet18",
+        "moco.queue_size": 256,
+        "moco.temperature": 0.1,
+        "moco.momentum": 0.99,
+        "optim.base_lr": 0.12,  # lr 0.06 at the global batch of 128
+        "optim.weight_decay": 5e-4,
+        "optim.warmup_steps": 0,
+        "optim.schedule": "cosine",
+        "train.batch_size": 64,
+        "train.max_steps": 600,
+    },
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=0, help="0: the demo's train.max_steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--protocols", nargs="+", choices=tuple(PROTOCOLS), default=list(PROTOCOLS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--steps", type=int, default=0, help="0: the protocol's train.max_steps")
     parser.add_argument("--json", default="")
-    parser.add_argument("--smoke", action="store_true", help="one seed, a few steps: checks that it runs")
+    parser.add_argument("--plot", default="", help="PNG of the loss and instance-accuracy curves")
+    parser.add_argument("--smoke", action="store_true", help="one seed, the demo protocol, a few steps")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seeds, args.steps = [0], 4
+        args.seeds, args.steps, args.protocols = [0], 4, ["demo"]
     return args
 
 
-def demo_config(seed: int, steps: int) -> Config:
-    overrides: dict[str, Any] = {"train.seed": seed, "data.seed": seed, "engine.precision": "fp32"}
+def protocol_flags(protocol: str, seed: int, steps: int) -> dict[str, Any]:
+    """The launcher flags (beyond ``configs/demo.yaml``) of one protocol and seed."""
+    flags = {**PROTOCOLS[protocol], "train.seed": seed, "data.seed": seed, "engine.precision": "fp32"}
     if steps:
-        overrides["train.max_steps"] = steps
-    return load_config(ROOT / "configs" / "demo.yaml", overrides)
+        flags["train.max_steps"] = steps
+    return flags
 
 
-def run_ours(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """The launcher, as a user runs it; its metrics.jsonl holds the curve and the kNN figures."""
-    t = cfg.train
+def run_ours(flags: dict[str, Any], backend: str, run_dir: Path) -> dict[str, Any]:
+    """The launcher, as a user runs it; its metrics.jsonl holds the curves and the kNN figures."""
+    steps = load_config(ROOT / "configs" / "demo.yaml", flags).train.max_steps
+    flags = {**flags, "data.backend": backend, "eval.every_steps": steps, "train.progress": "false"}
+    flags["train.run_dir"] = str(run_dir)
     cmd = [
         shutil.which("deepspeed") or "deepspeed",
         "--num_gpus",
@@ -80,25 +112,16 @@ def run_ours(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "launchers/pretrain.py",
         "--config",
         "configs/demo.yaml",
-        f"--train.seed={t.seed}",
-        f"--data.seed={cfg.data.seed}",
-        "--engine.precision=fp32",
-        f"--train.max_steps={t.max_steps}",
-        f"--eval.every_steps={t.max_steps}",  # random init and the end
-        "--train.progress=false",
-        f"--train.run_dir={run_dir}",
+        *(f"--{name}={value}" for name, value in flags.items()),
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"the launcher failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {
-        "losses": {r["step"]: r["loss"] for r in records if "loss" in r},
-        "knn_top1": {r["step"]: r["knn_top1"] for r in records if "knn_top1" in r},
-    }
+    return {key: {r["step"]: r[key] for r in records if key in r} for key in ("loss", "inst_acc", "knn_top1")}
 
 
-def reference_worker(rank: int, port: int, cfg: Config, out_path: str) -> None:
+def reference_worker(rank: int, port: int, cfg: Config, loader: str, image_folder: str, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -123,42 +146,55 @@ def reference_worker(rank: int, port: int, cfg: Config, out_path: str) -> None:
         backbone.fc = torch.nn.Identity()  # pooled features, as our query backbone gives
         return monitor(backbone)
 
-    knn_top1 = {0: knn()}
+    curves: dict[str, dict[int, float]] = {"loss": {}, "inst_acc": {}, "knn_top1": {0: knn()}}
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
-    batches = two_view_batches(
-        cfg.data.backend,
-        list_shards(str(demo["train"])),
-        moco_views(cfg.data.augmentation, cfg.data.image_size),
-        t.batch_size,
-        rank,
-        WORLD,
-        cfg.data.workers,
-        cfg.data.seed,
-        cfg.data.shuffle_buffer,
-        torch.device("cpu"),
-        False,
-    )
+    views = cfg.aug.views(cfg.data.image_size)
+    if loader == "pil":
+        batches = image_folder_batches(
+            Path(image_folder), views, t.batch_size, rank, WORLD, cfg.data.workers, cfg.data.seed
+        )
+    else:
+        batches = two_view_batches(
+            cfg.data.backend,
+            list_shards(str(demo["train"])),
+            views,
+            t.batch_size,
+            rank,
+            WORLD,
+            cfg.data.workers,
+            cfg.data.seed,
+            cfg.data.shuffle_buffer,
+            torch.device("cpu"),
+            False,
+        )
     peak_lr = o.base_lr * t.batch_size * WORLD / 256
-    losses = {}
     model.train()
     for step in range(t.max_steps):
         for group in trainer.optimizer.param_groups:
             group["lr"] = learning_rate(step, t.max_steps, peak_lr, o.warmup_steps, o.schedule, o.step_milestones)
         view1, view2, _ = next(batches)
-        loss = trainer.train_step(view1, view2)
+        loss, inst_acc = trainer.train_step(view1, view2)
         if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
-            dist.all_reduce(loss)
-            losses[step + 1] = loss.item() / WORLD
-    knn_top1[t.max_steps] = knn()
+            stats = torch.stack([loss, inst_acc])
+            dist.all_reduce(stats)
+            curves["loss"][step + 1], curves["inst_acc"][step + 1] = (stats / WORLD).tolist()
+    curves["knn_top1"][t.max_steps] = knn()
     if rank == 0:
-        Path(out_path).write_text(json.dumps({"losses": losses, "knn_top1": knn_top1}))
+        Path(out_path).write_text(json.dumps(curves))
     shutdown_distributed()
 
 
-def run_reference(cfg: Config, out_path: Path) -> dict[str, Any]:
-    mp.spawn(reference_worker, args=(free_port(), cfg, str(out_path)), nprocs=WORLD, join=True)
+def run_reference(cfg: Config, loader: str, image_folder: Path, out_path: Path) -> dict[str, Any]:
+    mp.spawn(reference_worker, args=(free_port(), cfg, loader, str(image_folder), str(out_path)), nprocs=WORLD)
     result = json.loads(out_path.read_text())
     return {name: {int(step): value for step, value in curve.items()} for name, curve in result.items()}
+
+
+def run_arm(arm: str, flags: dict[str, Any], work: Path, image_folder: Path) -> dict[str, Any]:
+    if arm.startswith("ours-"):
+        return run_ours(flags, arm.removeprefix("ours-"), work / arm)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", flags)
+    return run_reference(cfg, "pil" if arm == "ref-pil" else "ours", image_folder, work / f"{arm}.json")
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -166,60 +202,75 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), max(values) - min(values)
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]], steps: int, tail: int = 5) -> dict[str, dict[str, float]]:
-    """Per implementation: mean and spread over seeds of the mean of the last ``tail`` logged losses,
-    of the final kNN top-1 and of the random-init kNN top-1."""
+def summarise(seeds: list[dict[str, Any]], tail: int = 5) -> dict[str, float]:
+    """Mean and spread over seeds of the mean of the last ``tail`` logged losses, of the final instance
+    accuracy and of the final kNN top-1; the mean kNN top-1 at random init."""
+    last_loss = [statistics.fmean([run["loss"][s] for s in sorted(run["loss"])[-tail:]]) for run in seeds]
+    final_acc = [run["inst_acc"][max(run["inst_acc"])] for run in seeds]
+    final_knn = [run["knn_top1"][max(run["knn_top1"])] for run in seeds]
+    init_knn = [run["knn_top1"][0] for run in seeds]
     summary = {}
-    for name, seeds in runs.items():
-        last_loss = [statistics.fmean([run["losses"][s] for s in sorted(run["losses"])[-tail:]]) for run in seeds]
-        final_knn = [run["knn_top1"][steps] for run in seeds]
-        init_knn = [run["knn_top1"][0] for run in seeds]
-        (loss, loss_spread), (knn, knn_spread), (init, _) = map(mean_spread, (last_loss, final_knn, init_knn))
-        summary[name] = {
-            "last_loss": loss,
-            "last_loss_spread": loss_spread,
-            "knn_top1": knn,
-            "knn_top1_spread": knn_spread,
-            "knn_top1_random_init": init,
-        }
+    for name, values in (("last_loss", last_loss), ("inst_acc", final_acc), ("knn_top1", final_knn)):
+        summary[name], summary[f"{name}_spread"] = mean_spread(values)
+    summary["knn_top1_random_init"] = statistics.fmean(init_knn)
     return summary
+
+
+def plot(runs: dict[str, dict[str, list[dict[str, Any]]]], path: str) -> None:
+    """Loss and instance accuracy against the step, mean over seeds, one row per protocol."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 3.6 * len(runs)))
+    axes = figure.subplots(len(runs), 2, squeeze=False)
+    for (loss_ax, acc_ax), (protocol, arms) in zip(axes, runs.items(), strict=True):
+        for arm, seeds in arms.items():
+            for ax, key in ((loss_ax, "loss"), (acc_ax, "inst_acc")):
+                steps = sorted(seeds[0][key])
+                ax.plot(steps, [statistics.fmean(run[key][s] for run in seeds) for s in steps], label=arm)
+        loss_ax.set_title(f"{protocol}: InfoNCE loss (mean of {len(seeds)} seeds)")
+        acc_ax.set_title(f"{protocol}: instance accuracy")
+        for ax in (loss_ax, acc_ax):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        loss_ax.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "reference": []}
-    steps = 0
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {arm: [] for arm in args.arms} for p in args.protocols}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            cfg = demo_config(seed, args.steps)
-            steps = cfg.train.max_steps
-            runs["ours"].append(run_ours(cfg, Path(tmp) / f"ours-{seed}"))
-            runs["reference"].append(run_reference(cfg, Path(tmp) / f"reference-{seed}.json"))
-            print(f"seed {seed}: done", flush=True)
-    summary = summarise(runs, steps)
-    ours, ref = summary["ours"], summary["reference"]
+        work = Path(tmp)
+        image_folder = unpack_to_image_folder(list_shards(str(ensure_demo_shards()["train"])), work / "image_folder")
+        for protocol in args.protocols:
+            for seed in args.seeds:
+                for arm in args.arms:
+                    flags = protocol_flags(protocol, seed, args.steps)
+                    runs[protocol][arm].append(run_arm(arm, flags, work / f"{protocol}-{seed}", image_folder))
+                print(f"{protocol}, seed {seed}: done", flush=True)
+    summary = {p: {arm: summarise(seeds) for arm, seeds in arms.items()} for p, arms in runs.items()}
+    columns = ("last_loss", "last_loss_spread", "inst_acc", "inst_acc_spread", "knn_top1_random_init", "knn_top1")
     rows = [
-        [name, s["last_loss"], s["last_loss_spread"], s["knn_top1_random_init"], s["knn_top1"], s["knn_top1_spread"]]
-        for name, s in summary.items()
+        [protocol, arm, *(s[c] for c in columns), s["knn_top1_spread"]]
+        for protocol, arms in summary.items()
+        for arm, s in arms.items()
     ]
-    print(
-        format_table(
-            ["run", "last loss", "spread", "kNN top-1 at init (%)", f"kNN top-1 at step {steps} (%)", "spread"],
-            rows,
-        )
-    )
+    headers = ["protocol", "arm", "last loss", "spread", "inst_acc", "spread", "kNN at init", "kNN at end", "spread"]
+    print(format_table(headers, rows))
+    first = summary[args.protocols[0]]
     payload = {
         "benchmark": "quality",
         "environment": environment(),
         "seeds": args.seeds,
-        "steps": steps,
+        "protocols": {p: PROTOCOLS[p] for p in args.protocols},
         "summary": summary,
-        "knn_top1_ours": ours["knn_top1"],
-        "loss_difference": ours["last_loss"] - ref["last_loss"],
-        "knn_top1_difference": ours["knn_top1"] - ref["knn_top1"],
+        "knn_top1_ours": first[args.arms[0]]["knn_top1"],
         "curves": runs,
     }
     write_json(args.json, payload)
+    if args.plot:
+        plot(runs, args.plot)
     return payload
 
 

@@ -110,7 +110,8 @@ class ReferenceTrainer:
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(model.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
 
-    def train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step; the loss and the instance accuracy (how often the positive logit is the largest)."""
         logits, labels = self.ddp(im_q=view1, im_k=view2)
         with profiling.stage("queue_loss"):
             loss = self.criterion(logits, labels)
@@ -119,4 +120,4 @@ class ReferenceTrainer:
             loss.backward()
         with profiling.stage("optimizer"):
             self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), (logits.argmax(dim=1) == labels).float().mean()
