@@ -131,6 +131,7 @@ def test_deepspeed_two_ranks_demo_learns(tmp_path: Path) -> None:
             "--config",
             str(DEMO),
             "--train.max_steps=60",
+            "--eval.every_steps=50",
             f"--train.run_dir={run_dir}",
             "--train.progress=false",
         ],
