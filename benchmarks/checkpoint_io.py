@@ -4,8 +4,8 @@
                                        [--queue 65536] [--repeats 3] [--dir TMPROOT] [--json PATH] [--smoke]
 
 For every architecture and ZeRO stage, ``--world`` gloo ranks are spawned on this machine (one
-torch thread each). Each rank builds ``MoCo(build_resnet(arch, width), version="v2",
-queue_size=K, key_bn="shuffle")``, SGD from ``moco_scale.optim.build_optimizer`` and
+torch thread each). Each rank builds ``MoCo(build_resnet(arch, width),
+MocoConfig(queue_size=K))`` (v2, shuffle-BN), SGD from ``moco_scale.optim.build_optimizer`` and
 ``DeepSpeedEngine(model, make_optimizer, "fp32", zero, micro_batch=2)``, and runs one training step on
 random 2x3x32x32 images so that the momentum buffers exist. Then, ``--repeats`` times:
 
@@ -40,7 +40,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_scale import checkpoint
-from moco_scale.dist.comm import free_port, join_local_gloo, shutdown_distributed
+from moco_scale.config import MocoConfig
+from moco_scale.distributed.comm import free_port, join_local_gloo, shutdown_distributed
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
@@ -121,12 +122,7 @@ def measure(rank: int, world: int, arch: str, zero: int, queue: int, repeats: in
     base, width = arch_and_width(arch)
     torch.manual_seed(0)  # the same model and queue on every rank
     model = MoCo(
-        build_resnet(base, width),
-        version="v2",
-        queue_size=queue,
-        key_bn="shuffle",
-        world_size=world,
-        cuda_graph_ema=False,
+        build_resnet(base, width), MocoConfig(queue_size=queue), world_size=world, cuda_graph_ema=False
     ).train()
     params_query = sum(p.numel() for p in model.encoder_q.parameters())
     if model.predictor is not None:

@@ -39,10 +39,11 @@ from typing import Any
 import torch
 
 from moco_scale import profiling
-from moco_scale.dist.comm import init_distributed
+from moco_scale.config import MocoConfig
+from moco_scale.distributed.comm import init_distributed
 from moco_scale.moco import MoCo, MocoOutput
 from moco_scale.models import build_resnet
-from moco_scale.optim import build_optimizer
+from moco_scale.optim import build_optimizer, linear_scaled_lr
 
 try:
     from benchmarks._common import environment, format_table, write_json
@@ -127,20 +128,10 @@ class PlainEngine:
 def build(args: argparse.Namespace, device: torch.device, world_size: int) -> tuple[MoCo, dict[str, Any], float]:
     """The model on ``device`` and its engines: ``engine`` (DeepSpeed if it imports) and ``plain``."""
     torch.manual_seed(0)
-    model = MoCo(
-        build_resnet(args.arch),
-        version="v2",
-        dim=128,
-        queue_size=args.queue,
-        temperature=0.2,
-        key_bn="shuffle",
-        bn_groups=8,
-        world_size=world_size,
-        cuda_graph_ema=True,
-    )
+    model = MoCo(build_resnet(args.arch), MocoConfig(queue_size=args.queue), world_size=world_size)
     channels_last = device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
-    lr = 0.03 * args.batch / 256
+    lr = linear_scaled_lr(0.03, args.batch)
     engines: dict[str, Any] = {}
     notes: list[str] = []
     if not args.no_deepspeed and world_size:

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_scale.dist.comm import free_port, join_local_gloo, shutdown_distributed
+from moco_scale.config import MocoConfig
+from moco_scale.distributed.comm import free_port, join_local_gloo, shutdown_distributed
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
@@ -126,7 +127,7 @@ def _rank(rank: int, port: int, arch: str, backend: str, args: argparse.Namespac
     with PeakSampler() as init:
         torch.manual_seed(0)
         name, width = ARCHS[arch]
-        model = MoCo(build_resnet(name, width), version="v2", queue_size=4096, world_size=WORLD, cuda_graph_ema=False)
+        model = MoCo(build_resnet(name, width), MocoConfig(queue_size=4096), world_size=WORLD, cuda_graph_ema=False)
 
         def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
             return build_optimizer(module, "sgd", lr=0.03)

@@ -49,9 +49,9 @@ from moco_scale.config import Config, load_config
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import two_view_batches
 from moco_scale.data.shards import list_shards
-from moco_scale.dist.comm import free_port, shutdown_distributed
+from moco_scale.distributed.comm import free_port, shutdown_distributed
 from moco_scale.eval.knn import KnnMonitor
-from moco_scale.optim import learning_rate
+from moco_scale.optim import learning_rate, linear_scaled_lr
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -167,7 +167,7 @@ def reference_worker(rank: int, port: int, cfg: Config, loader: str, image_folde
             torch.device("cpu"),
             False,
         )
-    peak_lr = o.base_lr * t.batch_size * WORLD / 256
+    peak_lr = linear_scaled_lr(o.base_lr, t.batch_size * WORLD)
     model.train()
     for step in range(t.max_steps):
         for group in trainer.optimizer.param_groups:

@@ -34,8 +34,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from moco_scale.dist.comm import free_port, join_local_gloo, shutdown_distributed
-from moco_scale.dist.queue import KeyQueue, ShardedKeyQueue
+from moco_scale.distributed.comm import free_port, join_local_gloo, shutdown_distributed
+from moco_scale.distributed.queue import KeyQueue, ShardedKeyQueue
 from moco_scale.moco import info_nce
 
 try:

@@ -7,7 +7,7 @@ batch of B images (B, 3, S, S) to their shuffled owners and back; no encoder run
 since it would cost the same in both, so only the communication mechanism is measured:
 
 - ``ours``: ``plan_for_step`` (every rank derives the same permutation from a shared seed),
-  ``shuffle`` and ``unshuffle`` from ``moco_scale.dist.shuffle_bn``: one ``all_to_all`` each way;
+  ``shuffle`` and ``unshuffle`` from ``moco_scale.distributed.shuffle_bn``: one ``all_to_all`` each way;
 - ``reference``, written here after fb/moco's ``_batch_shuffle_ddp`` / ``_batch_unshuffle_ddp``:
   all_gather the global batch, rank 0 draws a permutation and broadcasts it, each rank keeps its
   slice; on the way back all_gather again and keep the slice of the inverse permutation. (It
@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_scale.dist import shuffle_bn
-from moco_scale.dist.comm import free_port, shutdown_distributed
+from moco_scale.distributed import shuffle_bn
+from moco_scale.distributed.comm import free_port, shutdown_distributed
 
 try:
     from benchmarks._common import environment, format_table, median, spread, time_interleaved, write_json

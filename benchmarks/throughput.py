@@ -5,9 +5,9 @@
         [--profile-steps N] [--compare-reference] [--json PATH] [--smoke]
 
 ``--world-size`` ranks are spawned on this machine (gloo on the CPU, NCCL with one GPU per rank),
-each joining the group through ``moco_scale.dist.comm.init_distributed`` as under the launcher (on
+each joining the group through ``moco_scale.distributed.comm.init_distributed`` as under the launcher (on
 the CPU the cores are split between the ranks), and each building the model, optimizer and
-``DeepSpeedEngine`` with the launcher's own ``build_engine`` from the config and its overrides.
+``DeepSpeedEngine`` with ``moco_scale.train.build_engine`` from the config and its overrides.
 Every step is ``engine.train_step`` at the peak learning rate and the config's key momentum.
 
 - ``compute``: synthetic views, drawn once per rank and already on the device;
@@ -33,7 +33,6 @@ end, which covers every method the rank ran.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import sys
@@ -41,7 +40,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -50,8 +48,10 @@ import torch.multiprocessing as mp
 
 from moco_scale import profiling
 from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, validate
-from moco_scale.dist.comm import free_port, init_distributed, set_local_rank_env, shutdown_distributed
-from moco_scale.engine.base import COMPUTE_DTYPES
+from moco_scale.data.loader import resolve_backend
+from moco_scale.distributed.comm import free_port, init_distributed, set_local_rank_env, shutdown_distributed
+from moco_scale.optim import linear_scaled_lr
+from moco_scale.train import build_batches, build_engine, resolve_shards, uses_channels_last
 
 try:
     from benchmarks._common import environment, format_table, median, spread, time_interleaved, write_json
@@ -102,14 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.profile_steps is None:
         args.profile_steps = args.steps
     return args
-
-
-def load_launcher() -> ModuleType:
-    """``launchers/pretrain.py`` as a module, for its ``build_engine`` and data helpers."""
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_comparable(cfg: Config, world_size: int) -> None:
@@ -182,14 +174,12 @@ class RankSetup:
 
 def rank_methods(args: argparse.Namespace, cfg: Config, rank: int, world: int) -> RankSetup:
     """Everything this rank times, built the launcher's way."""
-    launcher = load_launcher()
     ctx = init_distributed(cfg.engine.device)
-    global_batch = cfg.train.batch_size * world
-    peak_lr = cfg.optim.base_lr * global_batch / 256
+    peak_lr = linear_scaled_lr(cfg.optim.base_lr, cfg.train.batch_size * world)
     momentum = cfg.moco.momentum
-    _, engine = launcher.build_engine(cfg, ctx, peak_lr)
+    _, engine = build_engine(cfg, ctx, peak_lr)
     engine.model.train()
-    channels_last = launcher.uses_channels_last(cfg, ctx)
+    channels_last = uses_channels_last(cfg, ctx)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1)
     shape = (cfg.train.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
@@ -206,24 +196,9 @@ def rank_methods(args: argparse.Namespace, cfg: Config, rank: int, world: int) -
     if "compute" in args.mode_list:
         methods["compute"] = lambda: our_step(*views, "compute")
     if "e2e" in args.mode_list:
-        from moco_scale.data.loader import resolve_backend, two_view_batches
-
-        shards = launcher.resolve_shards(cfg)[0]
+        shards = resolve_shards(cfg)[0]
         data_backend = resolve_backend(cfg.data.backend, shards)
-        batches = two_view_batches(
-            data_backend,
-            shards,
-            cfg.aug.views(cfg.data.image_size),
-            cfg.train.batch_size,
-            rank,
-            world,
-            cfg.data.workers,
-            cfg.data.seed,
-            cfg.data.shuffle_buffer,
-            ctx.device,
-            channels_last,
-            COMPUTE_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
-        )
+        batches = build_batches(cfg, ctx, shards)
 
         def e2e_step() -> None:
             with profiling.stage("data_wait"):

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moco_scale.dist.queue import ShardedKeyQueue
+from moco_scale.distributed.queue import ShardedKeyQueue
 from moco_scale.fileio import fsync_dir, fsync_file, write_atomically
 
 LATEST = "latest"

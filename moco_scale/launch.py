@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from moco_scale.dist.comm import free_port
+from moco_scale.distributed.comm import free_port
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco_scale import profiling
-from moco_scale.dist import shuffle_bn
-from moco_scale.dist.comm import all_gather_concat, rank
-from moco_scale.dist.ema import LocalShard, MomentumUpdater
-from moco_scale.dist.queue import KeyQueue, ShardedKeyQueue
+from moco_scale.config import MocoConfig
+from moco_scale.distributed import shuffle_bn
+from moco_scale.distributed.comm import all_gather_concat, rank
+from moco_scale.distributed.ema import LocalShard, MomentumUpdater
+from moco_scale.distributed.queue import KeyQueue, ShardedKeyQueue
 
 
 class MocoOutput(NamedTuple):
@@ -63,16 +64,12 @@ class MoCo(nn.Module):
 
     Args:
         backbone: the query backbone, returning pooled features of size ``backbone.feature_dim``.
-        version: "v1", "v2" or "v3".
-        dim: width of the L2-normalised output.
-        mlp_dim: hidden width of the MLP heads (0: the backbone's feature width).
-        queue_size: K, the number of negative keys (v1/v2).
-        shard_queue: hold K / world_size keys per rank (:class:`ShardedKeyQueue`) instead of all K.
-        temperature: T of InfoNCE.
-        key_bn: "shuffle" (shuffle-BN), "sync" (synchronised BN) or "none".
-        bn_groups: virtual BN groups for shuffle-BN in a single process.
+        cfg: the ``moco`` config section: version, dim, mlp_dim (0: the backbone's feature width),
+            queue_size (K), shard_queue (K / world_size keys per rank, :class:`ShardedKeyQueue`),
+            temperature, shuffle_bn ("shuffle", "sync" or "none"), bn_groups (virtual BN groups for
+            shuffle-BN in a single process) and key_bn_buffers (see :class:`MomentumUpdater`).
         world_size: number of ranks; picks the shuffle-BN flavour.
-        key_bn_buffers, cuda_graph_ema: see :class:`MomentumUpdater`.
+        cuda_graph_ema: capture the momentum update in a CUDA graph (see :class:`MomentumUpdater`).
         shuffle_seed: seed of the shared key permutation.
         key_channels_last: feed the key encoder channels-last images (its no-grad forward is ~1.2x
             faster so on the CPU, where the query's forward + backward is not).
@@ -81,40 +78,34 @@ class MoCo(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        version: str = "v2",
-        dim: int = 128,
-        mlp_dim: int = 0,
-        queue_size: int = 65536,
-        temperature: float = 0.2,
-        key_bn: str = "shuffle",
-        bn_groups: int = 8,
+        cfg: MocoConfig,
+        *,
         world_size: int = 1,
-        key_bn_buffers: str = "own",
         cuda_graph_ema: bool = True,
         shuffle_seed: int = 0,
-        shard_queue: bool = False,
         key_channels_last: bool = False,
     ):
         super().__init__()
-        self.version = version
-        self.temperature = temperature
-        self.shuffle_keys = key_bn == "shuffle"
+        self.version = cfg.version
+        self.temperature = cfg.temperature
+        self.shuffle_keys = cfg.shuffle_bn == "shuffle"
         self.shuffle_seed = shuffle_seed
         self.key_channels_last = key_channels_last
-        feature_dim = backbone.feature_dim
+        feature_dim, hidden_dim = backbone.feature_dim, cfg.mlp_dim or backbone.feature_dim
         self.encoder_q = nn.Sequential()
         self.encoder_q.add_module("backbone", backbone)
-        self.encoder_q.add_module("head", projection_head(version, feature_dim, mlp_dim or feature_dim, dim))
-        bn_mode = {"sync": "sync", "none": "local"}.get(key_bn, "split" if world_size == 1 else "local")
-        shuffle_bn.convert_batchnorm(self.encoder_q, bn_mode, bn_groups, next(backbone.parameters()).device)
-        self.predictor = mlp(dim, mlp_dim or feature_dim, dim, layers=2, last_bn=False) if version == "v3" else None
+        self.encoder_q.add_module("head", projection_head(cfg.version, feature_dim, hidden_dim, cfg.dim))
+        bn_mode = {"sync": "sync", "none": "local"}.get(cfg.shuffle_bn, "split" if world_size == 1 else "local")
+        device = next(backbone.parameters()).device
+        shuffle_bn.convert_batchnorm(self.encoder_q, bn_mode, cfg.bn_groups, device)
+        self.predictor = mlp(cfg.dim, hidden_dim, cfg.dim, layers=2, last_bn=False) if cfg.version == "v3" else None
         if self.predictor is not None:
-            shuffle_bn.convert_batchnorm(self.predictor, bn_mode, bn_groups, next(backbone.parameters()).device)
+            shuffle_bn.convert_batchnorm(self.predictor, bn_mode, cfg.bn_groups, device)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
-        queue_type = ShardedKeyQueue if shard_queue else KeyQueue
-        self.queue = queue_type(queue_size, dim) if version != "v3" else None
-        self.key_bn_buffers = key_bn_buffers
+        queue_type = ShardedKeyQueue if cfg.shard_queue else KeyQueue
+        self.queue = queue_type(cfg.queue_size, cfg.dim) if cfg.version != "v3" else None
+        self.key_bn_buffers = cfg.key_bn_buffers
         self.cuda_graph_ema = cuda_graph_ema
         self._updater: MomentumUpdater | None = None
         self._local_shard: LocalShard | None = None

@@ -112,6 +112,11 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; choices: sgd, lars, adamw")
 
 
+def linear_scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The linear scaling rule (Goyal et al., 2017): ``base_lr`` is per 256 images."""
+    return base_lr * global_batch / 256
+
+
 def learning_rate(
     step: int,
     total_steps: int,

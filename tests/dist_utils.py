@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch.multiprocessing as mp
 
-from moco_scale.dist.comm import free_port, join_local_gloo, leave_if_groups_linger, shutdown_distributed
+from moco_scale.distributed.comm import free_port, join_local_gloo, leave_if_groups_linger, shutdown_distributed
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,16 +16,9 @@ import pytest
 import torch
 
 from moco_scale import checkpoint
-from moco_scale.dist.comm import free_port
+from moco_scale.distributed.comm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_launcher():
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    return launcher
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -237,11 +229,11 @@ def _restore_and_compare(rank: int, world: int, ckpt: str, config: str, zero: in
 
     from moco_scale.config import load_config
     from moco_scale.data.loader import remap_state
-    from moco_scale.dist.comm import init_distributed
+    from moco_scale.distributed.comm import init_distributed
+    from moco_scale.train import build_engine
 
-    launcher = _load_launcher()
     cfg = load_config(config, {"engine.precision": "fp32", "engine.zero_stage": zero})
-    model, engine = launcher.build_engine(cfg, init_distributed("cpu"), peak_lr=0.1)
+    model, engine = build_engine(cfg, init_distributed("cpu"), peak_lr=0.1)
     fresh_queue = model.queue.keys.clone()
     step, loader_state, saved_world = checkpoint.load(engine, Path(ckpt))
     saved = torch.load(Path(ckpt) / "mp_rank_00_model_states.pt", weights_only=False)
@@ -320,15 +312,15 @@ def _fsdp_restore_and_compare(rank: int, world: int, ckpt: str, config: str) -> 
     from torch.distributed.tensor import DTensor
 
     from moco_scale.config import load_config
-    from moco_scale.dist.comm import init_distributed
+    from moco_scale.distributed.comm import init_distributed
+    from moco_scale.train import build_engine
     from moco_scale.weights import read_module
 
     def whole(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
-    launcher = _load_launcher()
     cfg = load_config(config, {"engine.precision": "fp32", "engine.backend": "fsdp"})
-    model, engine = launcher.build_engine(cfg, init_distributed("cpu"), peak_lr=0.1)
+    model, engine = build_engine(cfg, init_distributed("cpu"), peak_lr=0.1)
     fresh_queue = model.queue.keys.clone()
     step, _, saved_world = checkpoint.load(engine, Path(ckpt))
     assert (step, saved_world) == (4, 2)

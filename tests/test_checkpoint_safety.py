@@ -25,11 +25,11 @@ import torch.distributed as dist
 from dist_utils import run_ranks
 from test_checkpoint import _fake_checkpoint
 from test_export import TAG, export, run_dir  # noqa: F401  (run_dir: the real 2-step checkpoint fixture)
-from test_linear_probe import _load_launcher as _load_linear_probe
 
 from moco_scale import checkpoint, fileio, weights
 from moco_scale.checkpoint import CheckpointError
-from moco_scale.dist.comm import shutdown_distributed
+from moco_scale.distributed.comm import shutdown_distributed
+from moco_scale.eval import probe
 
 ROOT = Path(__file__).resolve().parent.parent
 _TORCH_SAVE = torch.save
@@ -341,7 +341,6 @@ def test_a_planted_rank_file_runs_nothing_in_export_inspect_probe_and_resume(
         assert not marker.exists() and not out.exists(), argv
     with pytest.raises(CheckpointError, match=re.escape(REFUSED)):  # what the linear probe's --init calls
         weights.load_backbone(run)
-    probe = _load_linear_probe()
     with pytest.raises(SystemExit) as exit_info:
         probe.main(init=str(ckpt), config=str(ROOT / "configs" / "demo.yaml"), run_dir=str(tmp_path / "probe"))
     err = capsys.readouterr().err

@@ -3,7 +3,6 @@ workers, shards changed after indexing, and the decompression-bomb PNG in the sh
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -22,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from moco_scale import train
 from moco_scale.data.augment import moco_views
 from moco_scale.data.labelled import eval_loader, train_loader
 from moco_scale.data.make_shards import main as make_shards
@@ -223,13 +223,6 @@ def test_loader_workers_outlive_the_signals_a_job_gets(demo_shards: dict[str, Pa
     assert sum(len(labels) for _, labels, _ in one_pass) == 300 - 32
 
 
-def _load_launcher():
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    return launcher
-
-
 def test_a_shard_changed_after_indexing_is_a_one_line_error_before_anything_starts(
     tmp_path: Path, demo_shards: dict[str, Path], capsys: pytest.CaptureFixture
 ) -> None:
@@ -248,7 +241,7 @@ def test_a_shard_changed_after_indexing_is_a_one_line_error_before_anything_star
         with pytest.raises(DataError, match=message):
             read(shards)
     with pytest.raises(SystemExit) as exit_info:
-        _load_launcher().main(
+        train.main(
             config=str(ROOT / "configs" / "demo.yaml"),
             **{"data.path": str(folder), "eval.every_steps": 0, "train.run_dir": str(tmp_path / "run")},
         )

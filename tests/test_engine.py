@@ -10,6 +10,7 @@ import torch
 from dist_utils import run_ranks
 from torch.distributed.tensor import DTensor
 
+from moco_scale.config import MocoConfig
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
@@ -31,16 +32,8 @@ def _train(rank: int, world: int, precision: str, backend: str, variant: str, ou
     """``variant`` "clip+copy": gradients clipped to norm 1 and the query's BN statistics copied to the key
     encoder (which the sharded backends move after their early parameter update)."""
     torch.manual_seed(0)
-    model = MoCo(
-        build_resnet("resnet18"),
-        version="v2",
-        dim=16,
-        queue_size=64,
-        key_bn="shuffle",
-        world_size=world,
-        cuda_graph_ema=False,
-        key_bn_buffers="copy" if variant else "own",
-    ).train()
+    cfg = MocoConfig(dim=16, queue_size=64, key_bn_buffers="copy" if variant else "own")
+    model = MoCo(build_resnet("resnet18"), cfg, world_size=world, cuda_graph_ema=False).train()
     grad_clip = 1.0 if variant else 0.0
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
@@ -143,7 +136,7 @@ def test_low_precision_trains_with_batchnorm(runs: dict, run: tuple[str, str, st
 
 def _one_step_against_plain_sgd(rank: int, world: int, grad_clip: float) -> None:
     torch.manual_seed(0)
-    model = MoCo(build_resnet("resnet18"), version="v2", dim=16, queue_size=64, bn_groups=2, cuda_graph_ema=False)
+    model = MoCo(build_resnet("resnet18"), MocoConfig(dim=16, queue_size=64, bn_groups=2), cuda_graph_ema=False)
     reference = copy.deepcopy(model)
     engine = DeepSpeedEngine(model, lambda m: build_optimizer(m, "sgd", lr=0.1), "fp32", 0, 8, 1, grad_clip=grad_clip)
     x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -14,21 +13,12 @@ import pytest
 import torch
 import torchvision
 
+from moco_scale import export
 from moco_scale.models import build_resnet
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORT = ROOT / "launchers" / "export.py"
 TAG = "step_00000002"
-
-
-def _load_export():
-    spec = importlib.util.spec_from_file_location("export_launcher", EXPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export = _load_export()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from moco_scale import checkpoint
 from moco_scale.data.dali import dali_available
-from moco_scale.dist.comm import free_port
+from moco_scale.distributed.comm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from dist_utils import run_ranks
 from torch import nn
 
-from moco_scale.dist.grad_sync import OverlappedGradientAverager
+from moco_scale.distributed.grad_sync import OverlappedGradientAverager
 
 
 def _model() -> nn.Module:

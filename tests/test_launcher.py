@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,21 +14,14 @@ import pytest
 import torch.distributed as dist
 import yaml
 
-from moco_scale import checkpoint
+from moco_scale import checkpoint, train
 from moco_scale.data.dali import dali_available
 from moco_scale.data.shards import write_shards
-from moco_scale.dist.comm import free_port
+from moco_scale.distributed.comm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
 DEMO = ROOT / "configs" / "demo.yaml"
-
-
-def _load_launcher():
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _bad_inputs(tmp: Path) -> list[tuple[dict, str]]:
@@ -73,10 +65,9 @@ def _bad_inputs(tmp: Path) -> list[tuple[dict, str]]:
 
 
 def test_bad_input_is_rejected_before_any_compute(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    launcher = _load_launcher()
     for overrides, message in _bad_inputs(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
-            launcher.main(config=str(DEMO), **overrides, **{"train.run_dir": str(tmp_path / "run")})
+            train.main(config=str(DEMO), **overrides, **{"train.run_dir": str(tmp_path / "run")})
         err = capsys.readouterr().err
         assert exit_info.value.code == 2, overrides
         assert err.count("\n") == 1 and err.startswith("error: "), err

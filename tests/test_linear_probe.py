@@ -3,7 +3,6 @@ weight sources, the training view, bad input, and launchers/linear_probe.py end 
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -22,6 +21,7 @@ from torch import nn
 
 from moco_scale.data.labelled import eval_loader, train_loader
 from moco_scale.data.shards import list_shards
+from moco_scale.eval import probe
 from moco_scale.eval.linear import evaluate, frozen_backbone, linear_head, train_linear
 from moco_scale.models import build_resnet
 from moco_scale.weights import WeightsError, load_backbone
@@ -30,14 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launchers" / "linear_probe.py"
 DEMO = ROOT / "configs" / "demo.yaml"
 CPU = torch.device("cpu")
-
-
-def _load_launcher():
-    spec = importlib.util.spec_from_file_location("linear_probe_launcher", LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def _clusters(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +147,8 @@ def test_backbone_from_checkpoint_exported_file_and_fbmoco_layout(tmp_path: Path
         assert config.get("model", {}).get("small_stem", True)
     with pytest.raises(WeightsError, match=r"do not fit resnet18 \(width 1, small_stem False\)"):
         frozen_backbone("resnet18", 1, False, weights)  # the small stem's conv1 is 3x3
-    launcher = _load_launcher()
-    probe = launcher.resolve(str(run), None, {}, None, None, **_recipe())
-    assert (probe.arch, probe.small_stem, probe.image_size, probe.run_dir) == ("resnet18", True, 32, run)
+    resolved = probe.resolve(str(run), None, {}, None, None, **_recipe())
+    assert (resolved.arch, resolved.small_stem, resolved.image_size, resolved.run_dir) == ("resnet18", True, 32, run)
 
 
 def _recipe(**changes: object) -> dict:
@@ -199,11 +190,10 @@ def _bad_inputs(tmp: Path, demo_train: Path) -> list[tuple[dict, str]]:
 def test_bad_input_is_rejected_before_any_compute(
     tmp_path: Path, capsys: pytest.CaptureFixture, demo_shards: dict[str, Path]
 ) -> None:
-    launcher = _load_launcher()
     for flags, message in _bad_inputs(tmp_path, demo_shards["train"]):
         arguments = {"config": str(DEMO), "run_dir": str(tmp_path / "run"), "progress": False, **flags}
         with pytest.raises(SystemExit) as exit_info:
-            launcher.main(**arguments)
+            probe.main(**arguments)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2, flags
         assert err.count("\n") == 1 and err.startswith("error: "), err

@@ -9,25 +9,16 @@ import torch
 import torch.nn.functional as F
 from dist_utils import run_ranks
 
-from moco_scale.dist import shuffle_bn
+from moco_scale.config import MocoConfig
+from moco_scale.distributed import shuffle_bn
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
 
 
-def _model(version: str, key_bn: str = "none", **kwargs) -> MoCo:
+def _model(version: str, shuffle_bn: str = "none", **kwargs) -> MoCo:
     torch.manual_seed(0)
-    return MoCo(
-        build_resnet("resnet18"),
-        version=version,
-        dim=16,
-        mlp_dim=32,
-        queue_size=24,
-        temperature=0.2,
-        key_bn=key_bn,
-        bn_groups=2,
-        cuda_graph_ema=False,
-        **kwargs,
-    ).train()
+    cfg = MocoConfig(version, dim=16, mlp_dim=32, queue_size=24, temperature=0.2, shuffle_bn=shuffle_bn, bn_groups=2)
+    return MoCo(build_resnet("resnet18"), cfg, cuda_graph_ema=False, **kwargs).train()
 
 
 def _views(batch: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +85,7 @@ def test_v3_symmetric_loss_matches_reference() -> None:
 
 
 def test_single_process_shuffle_bn_changes_keys_but_not_their_order() -> None:
-    shuffled = _model("v2", key_bn="shuffle")
+    shuffled = _model("v2", shuffle_bn="shuffle")
     x1, x2 = _views(8)
     keys_seen = []
     shuffled.queue.enqueue = keys_seen.append  # capture the keys instead of enqueuing them
@@ -115,7 +106,7 @@ def test_single_process_shuffle_bn_changes_keys_but_not_their_order() -> None:
 
 
 def _check_v2_two_ranks(rank: int, world: int) -> None:
-    model = _model("v2", key_bn="shuffle", world_size=world)
+    model = _model("v2", shuffle_bn="shuffle", world_size=world)
     x1, x2 = _views(4, seed=rank + 1)
     for step in range(3):
         out = model(x1, x2, momentum=0.99, step=step)
@@ -131,9 +122,9 @@ def test_two_rank_forward_keeps_queues_identical() -> None:
     run_ranks(_check_v2_two_ranks, 2)
 
 
-@pytest.mark.parametrize("key_bn", ["none", "shuffle"])
-def test_channels_last_key_input_changes_layout_not_result(key_bn: str) -> None:
-    plain, fast = _model("v2", key_bn), _model("v2", key_bn, key_channels_last=True)
+@pytest.mark.parametrize("shuffle_bn", ["none", "shuffle"])
+def test_channels_last_key_input_changes_layout_not_result(shuffle_bn: str) -> None:
+    plain, fast = _model("v2", shuffle_bn), _model("v2", shuffle_bn, key_channels_last=True)
     seen = []
     fast.encoder_k.backbone.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     view1, view2 = _views()

@@ -10,7 +10,8 @@ import torch
 from dist_utils import run_ranks
 from torch.distributed.tensor import DTensor
 
-from moco_scale.dist.queue import KeyQueue
+from moco_scale.config import MocoConfig
+from moco_scale.distributed.queue import KeyQueue
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
@@ -70,7 +71,9 @@ def _snapshot(model: MoCo, engine, backend: str) -> dict[str, torch.Tensor]:
 
 def _run_backend(rank: int, world: int, backend: str) -> None:
     torch.manual_seed(0)
-    model = MoCo(build_resnet("resnet18"), dim=16, queue_size=64, world_size=world, cuda_graph_ema=False).train()
+    model = MoCo(
+        build_resnet("resnet18"), MocoConfig(dim=16, queue_size=64), world_size=world, cuda_graph_ema=False
+    ).train()
     armed = {"poison": False}
     model.encoder_q.head.register_forward_hook(lambda m, i, out: _PoisonGradient.apply(out) if armed["poison"] else out)
 

@@ -8,6 +8,7 @@ import torch
 from dist_utils import run_ranks
 
 from moco_scale import profiling
+from moco_scale.config import MocoConfig
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
@@ -18,9 +19,11 @@ MOCO_STAGES = {"query_fwd_bwd", "key_fwd", "ema", "queue_loss"}
 
 def _moco(version: str = "v2", world: int = 1) -> MoCo:
     torch.manual_seed(0)
-    key_bn = "shuffle" if version != "v3" else "none"
+    shuffle_bn = "shuffle" if version != "v3" else "none"
     backbone = build_resnet("resnet18")
-    model = MoCo(backbone, version, dim=16, queue_size=64, key_bn=key_bn, bn_groups=2, world_size=world)
+    model = MoCo(
+        backbone, MocoConfig(version, dim=16, queue_size=64, shuffle_bn=shuffle_bn, bn_groups=2), world_size=world
+    )
     return model.train()
 
 

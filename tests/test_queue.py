@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dist_utils import run_ranks
 from torch import nn
 
-from moco_scale.dist.queue import KeyQueue, ShardedKeyQueue
+from moco_scale.distributed.queue import KeyQueue, ShardedKeyQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from dist_utils import run_ranks
 from torch import nn
 
-from moco_scale.dist import shuffle_bn
+from moco_scale.distributed import shuffle_bn
 
 
 def _encoder() -> nn.Module:

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_ranks
 
-from moco_scale.dist.comm import native_group_threads, shutdown_distributed
+from moco_scale.config import MocoConfig
+from moco_scale.distributed.comm import native_group_threads, shutdown_distributed
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
@@ -25,7 +26,9 @@ from moco_scale.optim import build_optimizer
 
 
 def _train_one_step(backend: str, world: int) -> None:
-    model = MoCo(build_resnet("resnet18"), dim=16, queue_size=64, world_size=world, cuda_graph_ema=False).train()
+    model = MoCo(
+        build_resnet("resnet18"), MocoConfig(dim=16, queue_size=64), world_size=world, cuda_graph_ema=False
+    ).train()
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(module, "sgd", lr=0.1)
@@ -62,7 +65,7 @@ def test_a_rank_whose_group_lingers_leaves_without_finalization(tmp_path) -> Non
         f"""
         import atexit, os, sys
         import torch.distributed as dist
-        from moco_scale.dist.comm import free_port, leave_if_groups_linger, shutdown_distributed
+        from moco_scale.distributed.comm import free_port, leave_if_groups_linger, shutdown_distributed
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
         held = dist.group.WORLD  # as a library would keep it
@@ -84,7 +87,8 @@ def test_a_rank_with_no_group_left_finalizes_normally(tmp_path) -> None:
         f"""
         import atexit, os
         import torch, torch.distributed as dist
-        from moco_scale.dist.comm import free_port, leave_if_groups_linger, native_group_threads, shutdown_distributed
+        from moco_scale.distributed.comm import free_port, leave_if_groups_linger, native_group_threads
+        from moco_scale.distributed.comm import shutdown_distributed
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
         dist.all_reduce(torch.ones(1))

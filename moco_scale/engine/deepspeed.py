@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moco_scale import profiling
-from moco_scale.dist.grad_sync import OverlappedGradientAverager
+from moco_scale.distributed.grad_sync import OverlappedGradientAverager
 from moco_scale.engine.base import (
     COMPUTE_DTYPES,
     OptimizerFactory,

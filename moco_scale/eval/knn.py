@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco_scale.data.labelled import eval_loader
-from moco_scale.dist.comm import all_gather_concat, world_size
+from moco_scale.distributed.comm import all_gather_concat, world_size
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from moco_scale.dist.comm import world_size
+from moco_scale.distributed.comm import world_size
 from moco_scale.models import build_resnet
 from moco_scale.optim import learning_rate
 from moco_scale.weights import WeightsError

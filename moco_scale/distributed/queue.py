@@ -8,7 +8,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moco_scale.dist.comm import all_gather_concat, all_gather_with_grad, all_reduce_sum_with_grad, rank, world_size
+from moco_scale.distributed.comm import (
+    all_gather_concat,
+    all_gather_with_grad,
+    all_reduce_sum_with_grad,
+    rank,
+    world_size,
+)
 
 
 class _Ring(nn.Module):

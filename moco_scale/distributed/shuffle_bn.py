@@ -18,7 +18,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
-from moco_scale.dist.comm import rank, world_size
+from moco_scale.distributed.comm import rank, world_size
 
 
 @dataclass(frozen=True)

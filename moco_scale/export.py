@@ -1,0 +1,147 @@
+"""Export the pretrained query backbone from a checkpoint, or describe a checkpoint.
+
+    python launchers/export.py runs/demo backbone.pt
+    python launchers/export.py runs/demo/checkpoints/step_00000200 moco.pth.tar --layout fbmoco
+    python launchers/export.py --inspect runs/demo
+
+CKPT is a checkpoint folder (``.../checkpoints/step_X``), a run's ``checkpoints`` folder or a run
+directory; for the latter two, the checkpoint their ``latest`` file names, as ``checkpoint.resume``
+resolves them. Any backend's checkpoint is read (DeepSpeed ZeRO 0-3, FSDP2) on the CPU; no
+process group is created. Bad input exits with code 2 and one line starting ``error:``. The rank files
+are read with ``torch.load(weights_only=True)``: one holding anything but tensors and plain values is
+refused, and nothing in it runs. The output is written to a temporary file beside ``OUT``, flushed and
+renamed, so ``OUT`` is never a partial file.
+
+``--layout torchvision`` (default) writes the query backbone (``encoder_q.backbone.*``, prefix
+stripped) as a plain ``state_dict`` of contiguous tensors. It holds no ``fc.*``: the backbone's
+``fc`` is an identity, so give the torchvision model one too and load strictly::
+
+    model = torchvision.models.resnet50()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(torch.load("backbone.pt", weights_only=True), strict=True)
+
+(Only ``model.width=1`` with the standard stem has a torchvision counterpart; other backbones
+load into ``moco_scale.models.build_resnet`` the same way.)
+
+``--layout fbmoco`` writes fb/moco's checkpoint layout, ``{"state_dict": {"module.encoder_q.<name>":
+tensor}, "arch": <arch>, "epoch": None, "step": <step>}``, with torchvision names for the backbone
+and the projection head under ``module.encoder_q.fc.*`` as in fb/moco. Its ``main_lincls.py
+--pretrained`` keeps the ``module.encoder_q.`` keys except ``fc``, strips the prefix and loads them
+with ``strict=False``, only ``fc.weight`` and ``fc.bias`` missing. ``epoch`` is the number of
+completed epochs (checkpoints count steps; the fractional epoch is in ``--inspect``).
+
+``--inspect`` prints the step, epoch, world size, model and MoCo settings, parameter counts, the queue
+and the file sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moco_scale import checkpoint
+from moco_scale.fileio import replacing
+from moco_scale.weights import BACKBONE, HEAD, WeightsError, read_module, strip
+
+
+def export(ckpt: Path, out: Path, layout: str) -> str:
+    """Write the query backbone of ``ckpt`` to ``out``; returns a one-line summary."""
+    meta, module = checkpoint.read_meta(ckpt), read_module(ckpt)
+    model_cfg = meta.get("config", {}).get("model", {})
+    arch = model_cfg.get("arch", "unknown")
+    backbone = strip(module, BACKBONE)
+    if layout == "fbmoco":
+        encoder = {**backbone, **{f"fc.{k}": v for k, v in strip(module, HEAD).items()}}
+        payload: Any = {
+            "state_dict": {f"module.encoder_q.{k}": v for k, v in encoder.items()},
+            "arch": arch,
+            "epoch": int(meta.get("epoch") or 0),  # completed epochs, as fb/moco counts them
+            "step": meta.get("step"),
+        }
+    else:
+        payload = backbone
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(out) as temp:  # flushed, then renamed over ``out``: never a partial file under its name
+        torch.save(payload, temp)
+    if model_cfg.get("width", 1) != 1 or model_cfg.get("small_stem", False):
+        print(
+            f"warning: model.width={model_cfg.get('width')}, small_stem={model_cfg.get('small_stem')}: "
+            f"this backbone does not fit torchvision.models.{arch}(); use moco_scale.models.build_resnet",
+            file=sys.stderr,
+        )
+    return f"wrote {len(backbone)} backbone tensors of {arch} at step {meta.get('step')} to {out} ({layout})"
+
+
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _numel(module: dict[str, torch.Tensor], prefix: str) -> int:
+    """Parameters under ``prefix``: every tensor but the BN statistics (the queue is not under a prefix)."""
+    return sum(v.numel() for k, v in module.items() if k.startswith(prefix) and not k.endswith(BUFFER_SUFFIXES))
+
+
+def _size(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def describe(ckpt: Path) -> str:
+    """A short table describing ``ckpt``."""
+    meta, module = checkpoint.read_meta(ckpt), read_module(ckpt)
+    cfg = meta.get("config", {})
+    model, moco, engine = cfg.get("model", {}), cfg.get("moco", {}), cfg.get("engine", {})
+    backend = engine.get("backend", "deepspeed")
+    if backend == "deepspeed":
+        backend += f", ZeRO-{engine.get('zero_stage')}"
+    rank_files = sorted(ckpt.glob("rank_*.pt"))
+    engine_files = [p for p in ckpt.iterdir() if p.is_file() and p not in rank_files]
+    rows = [
+        ("checkpoint", str(ckpt)),
+        ("step", str(meta.get("step"))),
+        ("epoch", f"{meta.get('epoch')} (samples consumed / samples in the data)"),
+        ("world size", f"{meta.get('world_size')} ({backend})"),
+        ("arch", f"{model.get('arch')} (width {model.get('width')}, small_stem {model.get('small_stem')})"),
+        ("moco", f"{moco.get('version')}, dim {moco.get('dim')}, K {moco.get('queue_size')}"),
+        ("precision", str(engine.get("precision"))),
+        ("params q backbone", f"{_numel(module, BACKBONE):,}"),
+        ("params q head", f"{_numel(module, HEAD):,}"),
+    ]
+    if any(k.startswith("predictor.") for k in module):
+        rows.append(("params predictor", f"{_numel(module, 'predictor.'):,}"))
+    rows.append(("params key encoder", f"{_numel(module, 'encoder_k.'):,}"))
+    if "queue.keys" in module:
+        keys = module["queue.keys"]
+        sharded = " (rank 0's slice; moco.shard_queue)" if moco.get("shard_queue") else ""
+        rows.append(("queue", f"{keys.shape[0]} keys x {keys.shape[1]}, ptr {int(module['queue.ptr'])}{sharded}"))
+    else:
+        rows.append(("queue", "none"))
+    rows.append((f"engine files ({len(engine_files)})", _size(sum(p.stat().st_size for p in engine_files))))
+    rows.append((f"rank_*.pt ({len(rank_files)})", _size(sum(p.stat().st_size for p in rank_files))))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt", help="checkpoint folder, a run's checkpoints folder, or a run directory")
+    parser.add_argument("out", nargs="?", help="output file (not with --inspect)")
+    parser.add_argument("--layout", choices=("torchvision", "fbmoco"), default="torchvision")
+    parser.add_argument("--inspect", action="store_true", help="describe the checkpoint instead of exporting")
+    args = parser.parse_args(argv)
+    if args.inspect == (args.out is not None):
+        parser.error("give OUT to export, or --inspect without OUT")
+    try:
+        ckpt = checkpoint.locate(args.ckpt)
+        print(describe(ckpt) if args.inspect else export(ckpt, Path(args.out), args.layout))
+    except (WeightsError, checkpoint.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
