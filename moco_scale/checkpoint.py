@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from moco_scale.distributed.queue import ShardedKeyQueue
+from moco_scale.engine.deepspeed_internals import MODEL_FILE, ZERO_SHARD_GLOB, ZERO_SHARD_PATTERN, zero_shard_file
 from moco_scale.fileio import fsync_dir, fsync_file, write_atomically
 
 LATEST = "latest"
@@ -152,7 +153,7 @@ def _step_of(path: Path) -> int:
 
 
 # Files of a checkpoint that rank r writes: its own rank file, DeepSpeed's ZeRO shards, DCP's data file.
-_PER_RANK = re.compile(r"rank_(\d+)\.pt|zero_pp_rank_(\d+)_.*|__(\d+)_\d+\.distcp")
+_PER_RANK = re.compile(rf"rank_(\d+)\.pt|{ZERO_SHARD_PATTERN}|__(\d+)_\d+\.distcp")
 
 
 def _writer(name: str) -> int:
@@ -420,7 +421,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta = _load_plain(file)
     if not isinstance(meta, dict) or "world_size" not in meta:
         raise CheckpointError(f"{file} is not a moco_scale rank file")
-    model_file = path / "mp_rank_00_model_states.pt"
+    model_file = path / MODEL_FILE
     if "config" not in meta and model_file.is_file():  # written before the rank files carried it
         try:  # DeepSpeed's model file holds tensors and plain values only: weights_only reads it
             states = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
@@ -458,8 +459,8 @@ def check_loadable(path: Path) -> None:
         raise CheckpointError(f"{path}: a rank_*.pt file is not a moco_scale rank file")
     written_by = metas[0]["world_size"]
     expected = [_rank_file(path, r) for r in range(written_by)]
-    if any(path.glob("zero_pp_rank_*")):  # ZeRO 1-3: one optimizer shard per rank
-        expected += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(written_by)]
+    if any(path.glob(ZERO_SHARD_GLOB)):  # ZeRO 1-3: one optimizer shard per rank
+        expected += [path / zero_shard_file(r) for r in range(written_by)]
     if any(path.glob("*.distcp")):  # torch.distributed.checkpoint: an index and one file per rank
         expected += [path / ".metadata"] + [path / f"__{r}_0.distcp" for r in range(written_by)]
     missing = [file.name for file in expected if not file.is_file()]

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from moco_scale import checkpoint
+from moco_scale.engine.deepspeed_internals import MODEL_FILE
 
-MODEL_FILE = "mp_rank_00_model_states.pt"
 BACKBONE = "encoder_q.backbone."
 HEAD = "encoder_q.head."
 FBMOCO_PREFIX = "module.encoder_q."

@@ -30,6 +30,17 @@ from moco_scale.engine.base import (
     any_nonfinite,
     optimizer_step_skipped,
 )
+from moco_scale.engine.deepspeed_internals import (
+    autocast_grad_scaler,
+    disable_backward_allreduce,
+    local_shard,
+    refresh_parameter_state_views,
+    restore_step_counters,
+    skip_cpu_shm_all_reduce,
+    zero_partitions,
+    zero_shard_file,
+    zero_shard_globals,
+)
 from moco_scale.moco import MoCo, MocoOutput
 
 BUCKET_ELEMENTS = 10_000_000
@@ -81,20 +92,10 @@ def _partition_for(shards: list[torch.Tensor], rank: int, size: int) -> torch.Te
     return torch.cat([part, part.new_zeros(size - part.numel())]) if part.numel() < size else part
 
 
-def _zero_shard_globals() -> list[Any]:
-    """The few DeepSpeed types a ZeRO 1/2 optimizer shard pickles beside tensors and plain values: the
-    stage (an enum), the loss scaler (two numbers as attributes) and fragment addresses (two ints)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
 def _load_zero_shard(file: Path) -> dict[str, Any]:
     """DeepSpeed's optimizer shard ``file`` on the CPU, with ``weights_only=True`` and only those types allowed:
     a file that names any other Python global is refused, not run."""
-    with torch.serialization.safe_globals(_zero_shard_globals()):
+    with torch.serialization.safe_globals(zero_shard_globals()):
         return torch.load(file, map_location="cpu", weights_only=True)
 
 
@@ -106,11 +107,11 @@ def reshard_zero_optimizer(zero_optimizer: Any, path: Path, saved_world_size: in
     re-cut saved one: a mismatch means another parameter layout and raises instead of corrupting."""
     from deepspeed import comm
 
-    files = [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(saved_world_size)]
+    files = [path / zero_shard_file(r) for r in range(saved_world_size)]
     saved = [_load_zero_shard(file)["optimizer_state_dict"] for file in files]
-    rank = comm.get_rank(group=zero_optimizer.dp_process_group)
-    base = zero_optimizer.optimizer
-    for group, master in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+    process_group, base, masters = zero_partitions(zero_optimizer)
+    rank = comm.get_rank(group=process_group)
+    for group, master in enumerate(masters):
         size = master.numel()
         saved_master = _partition_for([s["single_partition_of_fp32_groups"][group] for s in saved], rank, size)
         if not torch.equal(saved_master.to(master.device), master.detach()):
@@ -122,18 +123,7 @@ def reshard_zero_optimizer(zero_optimizer: Any, path: Path, saved_world_size: in
             if isinstance(value, torch.Tensor) and value.numel() == own_numel:
                 value = _partition_for([s[key] for s in saved_states], rank, size)
             state[key] = value.to(master.device) if isinstance(value, torch.Tensor) else value
-    zero_optimizer._lazy_init_hp_params_optimizer_state()  # DeepSpeed's per-parameter views of the state
-
-
-def _skip_cpu_shm_all_reduce() -> None:
-    """Keep DeepSpeed from building and starting its shared-memory CPU all-reduce, which serves only its
-    ``inference_all_reduce`` (never called here): it JIT-compiles a C++ op at start-up, maps a 66 MB
-    workspace per rank from /dev/shm that it never removes, and took whole jobs down here (SIGSEGV in a
-    probe; "terminate called without an active exception" at start-up in CI runs). DeepSpeed keeps its
-    op-compatibility table as one module-level dict that it reads before building the op."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    refresh_parameter_state_views(zero_optimizer)
 
 
 class GradientWatch:
@@ -181,7 +171,7 @@ class DeepSpeedEngine(TrainEngine):
 
         ds_logger.setLevel(logging.WARNING)
         if next(model.parameters()).device.type == "cpu":
-            _skip_cpu_shm_all_reduce()
+            skip_cpu_shm_all_reduce()
         self.model = model
         self.config = deepspeed_config(precision, zero_stage, micro_batch, world_size, grad_clip)
         self.base_optimizer = make_optimizer(model)
@@ -195,14 +185,14 @@ class DeepSpeedEngine(TrainEngine):
         self._watch = GradientWatch(trainable) if zero_stage and self.check_gradients else None
         self._gradients: OverlappedGradientAverager | None = None
         if zero_stage == 0:  # DeepSpeed would reduce after backward, flattening every gradient each step
-            self.engine.enable_backward_allreduce = False
+            disable_backward_allreduce(self.engine)
             if world_size > 1:
                 self._gradients = OverlappedGradientAverager(trainable)
         self.sharded_parameters = zero_stage == 3
         self.reshardable = not self.sharded_parameters
         self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
         if self.sharded_parameters:
-            model.use_local_shards(lambda param: param.ds_tensor)
+            model.use_local_shards(local_shard)
 
     def train_step(
         self,
@@ -247,7 +237,7 @@ class DeepSpeedEngine(TrainEngine):
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
         """fp16's loss scaler, which DeepSpeed's ``torch_autocast`` mode keeps but does not checkpoint."""
-        return self.engine.torch_autocast_z0_gradscaler or getattr(self.optimizer, "torch_autocast_gradscaler", None)
+        return autocast_grad_scaler(self.engine, self.optimizer)
 
     def query_backbone(self) -> nn.Module:
         if not self.sharded_parameters:
@@ -275,8 +265,7 @@ class DeepSpeedEngine(TrainEngine):
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
         if resharding:
             reshard_zero_optimizer(self.engine.optimizer, Path(load_dir) / tag, saved_world_size)
-            for counter in ("global_steps", "global_samples", "skipped_steps"):
-                setattr(self.engine, counter, client_state[counter])
+            restore_step_counters(self.engine, client_state)
         scaler = self._grad_scaler()
         if scaler is not None and "grad_scaler" in client_state:
             scaler.load_state_dict(client_state["grad_scaler"])
