@@ -2,7 +2,7 @@
 
 The shard writer and ``make_shards --index-only --check`` decode every image with PIL and, when DALI is
 installed, walk its JPEG markers and decode it again with DALI's CPU decoder
-(``moco_scale.data.validate.decode_errors``). This times those steps on one process over realistic
+(``moco_scale.data.decode_check.decode_errors``). This times those steps on one process over realistic
 photos (crops of scikit-learn's sample photos at 400x300, as in ``data_throughput.py``), interleaved
 over rounds, and reports milliseconds per image (median of the rounds) and the ratio of the full
 check to PIL alone.
@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # run as ``python benchmarks/shard_check.py``: the 
     from _common import environment, format_table, median, spread, time_interleaved, write_json
     from data_throughput import make_photos
 
-from moco_scale.data.validate import decode_errors, decoders, jpeg_structure_error
+from moco_scale.data.decode_check import decode_errors, decoders, jpeg_structure_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,7 +35,7 @@ from moco_scale.data.shards import (
     write_shards,
 )
 from moco_scale.data.torch_loader import StreamBatches, two_view_loader
-from moco_scale.data.validate import decode_errors, decoders
+from moco_scale.data.decode_check import decode_errors, decoders
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = {"jpg": "JPEG", "png": "PNG", "bmp": "BMP", "gif": "GIF", "tiff": "TIFF", "webp": "WEBP"}

@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from moco_scale.config import MocoConfig
 from moco_scale.engine.deepspeed import DeepSpeedEngine
-from moco_scale.engine.fsdp import FSDPEngine
+from moco_scale.engine.fsdp import FSDPEngine, sharding_units
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
 from moco_scale.optim import build_optimizer
@@ -158,3 +158,11 @@ def _one_step_against_plain_sgd(rank: int, world: int, grad_clip: float) -> None
 def test_a_step_is_a_plain_sgd_step(grad_clip: float) -> None:
     """No hidden gradient clipping (DeepSpeed clips at 1.0 unless told otherwise); clipping when asked."""
     run_ranks(_one_step_against_plain_sgd, 1, grad_clip)
+
+
+def test_the_fsdp_cut_plan_makes_each_residual_block_a_unit() -> None:
+    for arch, blocks in (("resnet18", 8), ("resnet50", 16)):
+        backbone = build_resnet(arch)
+        units = sharding_units(backbone)
+        assert len(units) == blocks and all(type(u).__name__ in ("BasicBlock", "Bottleneck") for u in units)
+    assert sharding_units(torch.nn.Sequential(torch.nn.Linear(4, 4))) == []  # no plan: one unit per encoder

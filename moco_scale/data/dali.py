@@ -9,7 +9,7 @@ linear rotation and scaling of the chroma in YIQ space rather than exact HSV ope
 Every rank reads a disjoint ``1 / world_size`` of the samples each epoch; the order of the tar
 shards is redrawn each epoch from ``seed`` (the same on all ranks) and samples are shuffled in a
 buffer. DALI stops the whole pipeline on an image it cannot decode, so it streams only shards whose
-images were checked with its decoder (see :mod:`moco_scale.data.validate`): their index files leave
+images were checked with its decoder (see :mod:`moco_scale.data.decode_check`): their index files leave
 out the samples that failed, which ``bad_samples`` counts.
 
 Resuming. ``state_dict()`` is DALI's own pipeline checkpoint (reader position and every random op's

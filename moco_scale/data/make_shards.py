@@ -47,7 +47,7 @@ from moco_scale.data.shards import (
     write_manifest,
     write_shard,
 )
-from moco_scale.data.validate import decode_errors, decoders, pil_error
+from moco_scale.data.decode_check import decode_errors, decoders, pil_error
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
 JPEG_QUALITY = 95  # for re-encoded non-JPEG inputs

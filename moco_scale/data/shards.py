@@ -143,10 +143,10 @@ def write_shards(
     """Write ``(key, jpeg_bytes, label)`` samples as ``{prefix}-NNNNNN.tar`` shards plus ``manifest.json``.
 
     Each shard gets its ``.idx`` and is written atomically (see :func:`write_shard`). With ``check``,
-    every image is decoded first (:func:`~moco_scale.data.validate.decode_errors`): those that fail are
+    every image is decoded first (:func:`~moco_scale.data.decode_check.decode_errors`): those that fail are
     left out and listed under ``bad_samples``, and the manifest's ``checked_with`` names the decoders.
     """
-    from moco_scale.data.validate import decode_errors, decoders
+    from moco_scale.data.decode_check import decode_errors, decoders
 
     with_decoders = decoders() if check else []
     out_dir = Path(out_dir)

@@ -112,7 +112,7 @@ class TrainEngine(ABC):
         return self.model.encoder_q.backbone
 
 
-class ShardedBackbone:
+class WholeBackboneCopy:
     """A whole copy of a sharded query backbone for evaluation, built once from ``factory`` (the
     backbone's constructor) and refreshed from the gathered weights at each call."""
 

@@ -22,10 +22,10 @@ from moco_scale.distributed.grad_sync import OverlappedGradientAverager
 from moco_scale.engine.base import (
     COMPUTE_DTYPES,
     OptimizerFactory,
-    ShardedBackbone,
     StepResult,
     StepRollback,
     TrainEngine,
+    WholeBackboneCopy,
     agree,
     any_nonfinite,
     optimizer_step_skipped,
@@ -190,7 +190,7 @@ class DeepSpeedEngine(TrainEngine):
                 self._gradients = OverlappedGradientAverager(trainable)
         self.sharded_parameters = zero_stage == 3
         self.reshardable = not self.sharded_parameters
-        self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
+        self._whole_backbone = WholeBackboneCopy(backbone_factory) if backbone_factory else None
         if self.sharded_parameters:
             model.use_local_shards(local_shard)
 

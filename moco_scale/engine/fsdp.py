@@ -28,16 +28,26 @@ from moco_scale import profiling
 from moco_scale.engine.base import (
     COMPUTE_DTYPES,
     OptimizerFactory,
-    ShardedBackbone,
     StepResult,
     StepRollback,
     TrainEngine,
+    WholeBackboneCopy,
     agree,
     any_nonfinite,
 )
 from moco_scale.moco import MoCo, MocoOutput
+from moco_scale.models import ResNet
 
-STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+def sharding_units(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's modules that become FSDP units of their own (the cut plan): a ResNet's residual
+    blocks. A backbone family without a plan here is sharded as one unit with its encoder (correct, but
+    each rank then gathers the whole encoder at once)."""
+    if isinstance(backbone, ResNet):
+        return [
+            block for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for block in stage
+        ]
+    return []
 
 
 def _local_shard(param: nn.Parameter) -> torch.Tensor:
@@ -47,9 +57,8 @@ def _local_shard(param: nn.Parameter) -> torch.Tensor:
 def shard_moco(model: MoCo, mesh) -> None:
     """Make both encoders (block by block), the predictor and the whole module FSDP units."""
     for encoder in (model.encoder_q, model.encoder_k):
-        for stage in STAGES:
-            for block in getattr(encoder.backbone, stage, ()):
-                fully_shard(block, mesh=mesh)
+        for unit in sharding_units(encoder.backbone):
+            fully_shard(unit, mesh=mesh)
         fully_shard(encoder, mesh=mesh)
     if model.predictor is not None:
         fully_shard(model.predictor, mesh=mesh)
@@ -85,7 +94,7 @@ class FSDPEngine(TrainEngine):
         self.autocast_dtype = None if precision == "fp32" else COMPUTE_DTYPES[precision]
         self.grad_clip = grad_clip
         self.step_rollback = StepRollback(model)
-        self._whole_backbone = ShardedBackbone(backbone_factory) if backbone_factory else None
+        self._whole_backbone = WholeBackboneCopy(backbone_factory) if backbone_factory else None
 
     def train_step(
         self,
