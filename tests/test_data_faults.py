@@ -23,6 +23,7 @@ from PIL import Image
 
 from moco_scale import train
 from moco_scale.data.augment import moco_views
+from moco_scale.data.decode_check import decode_errors, decoders
 from moco_scale.data.labelled import eval_loader, train_loader
 from moco_scale.data.make_shards import main as make_shards
 from moco_scale.data.shards import (
@@ -35,7 +36,6 @@ from moco_scale.data.shards import (
     write_shards,
 )
 from moco_scale.data.torch_loader import StreamBatches, two_view_loader
-from moco_scale.data.decode_check import decode_errors, decoders
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = {"jpg": "JPEG", "png": "PNG", "bmp": "BMP", "gif": "GIF", "tiff": "TIFF", "webp": "WEBP"}

@@ -17,10 +17,10 @@ from PIL import Image
 
 from moco_scale.data import loader
 from moco_scale.data.augment import moco_views
+from moco_scale.data.decode_check import CHUNK, decode_errors, decoders
 from moco_scale.data.make_shards import main
 from moco_scale.data.shards import DataError, checked_with, list_shards, write_shards
 from moco_scale.data.torch_loader import TwoViewStream, two_view_loader
-from moco_scale.data.decode_check import CHUNK, decode_errors, decoders
 
 
 def _noise_jpeg(seed: int) -> bytes:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from moco_scale.data.decode_check import decoders
 from moco_scale.data.make_shards import main
 from moco_scale.data.shards import DataError, write_index, write_shards
-from moco_scale.data.decode_check import decoders
 
 CLASSES = ["bird", "cat", "dog"]
 SHARD_SIZE = 4

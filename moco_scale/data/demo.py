@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moco_scale.data.shards import write_shards
 from moco_scale.data.decode_check import decoders
+from moco_scale.data.shards import write_shards
 
 DEMO_VERSION = "digits-v4"  # v4: every image checked with PIL and DALI (checked_with in the manifest)
 IMAGE_SIZE = 32

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, TypeVar
 from PIL import Image
 from tqdm import tqdm
 
+from moco_scale.data.decode_check import decode_errors, decoders, pil_error
 from moco_scale.data.shards import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -47,7 +48,6 @@ from moco_scale.data.shards import (
     write_manifest,
     write_shard,
 )
-from moco_scale.data.decode_check import decode_errors, decoders, pil_error
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
 JPEG_QUALITY = 95  # for re-encoded non-JPEG inputs
