@@ -197,6 +197,16 @@ def run_arm(arm: str, flags: dict[str, Any], work: Path, image_folder: Path) -> 
     return run_reference(cfg, "pil" if arm == "ref-pil" else "ours", image_folder, work / f"{arm}.json")
 
 
+def one_line(run: dict[str, Any]) -> str:
+    """One arm's run: its last logged loss and instance accuracy, and its kNN top-1 at init and at the end."""
+    last = max(run["loss"])
+    knn = run["knn_top1"]
+    return (
+        f"loss {run['loss'][last]:.3f} and inst_acc {run['inst_acc'][last]:.3f} at step {last}; "
+        f"kNN {knn[min(knn)]:.1f} -> {knn[max(knn)]:.1f}"
+    )
+
+
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean, and (max - min) over the seeds (0 for one seed)."""
     return statistics.fmean(values), max(values) - min(values)
@@ -247,8 +257,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in args.seeds:
                 for arm in args.arms:
                     flags = protocol_flags(protocol, seed, args.steps)
-                    runs[protocol][arm].append(run_arm(arm, flags, work / f"{protocol}-{seed}", image_folder))
-                print(f"{protocol}, seed {seed}: done", flush=True)
+                    run = run_arm(arm, flags, work / f"{protocol}-{seed}", image_folder)
+                    runs[protocol][arm].append(run)
+                    print(f"{protocol}, seed {seed}, {arm}: {one_line(run)}", flush=True)
+                    if args.json:  # what has finished so far, should the rest not
+                        Path(args.json + ".partial").write_text(json.dumps({"seeds": args.seeds, "curves": runs}))
     summary = {p: {arm: summarise(seeds) for arm, seeds in arms.items()} for p, arms in runs.items()}
     columns = ("last_loss", "last_loss_spread", "inst_acc", "inst_acc_spread", "knn_top1_random_init", "knn_top1")
     rows = [
