@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from moco_scale.distributed.ema import MomentumUpdater
+from moco_scale.moco.momentum import MomentumUpdater
 from moco_scale.models import build_resnet
 
 try:

@@ -35,8 +35,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from moco_scale.distributed.comm import free_port, join_local_gloo, shutdown_distributed
-from moco_scale.distributed.queue import KeyQueue, ShardedKeyQueue
-from moco_scale.moco import info_nce
+from moco_scale.moco.loss import info_nce
+from moco_scale.moco.queue import KeyQueue, ShardedKeyQueue
 
 try:
     from benchmarks._common import environment, format_table, median, spread, write_json

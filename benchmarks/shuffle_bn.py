@@ -1,13 +1,13 @@
 """Shuffle-BN's key round trip: one ``all_to_all`` each way against fb/moco's all_gather + broadcast.
 
-    python benchmarks/shuffle_bn.py [--batch 64] [--image-size 64] [--steps N] [--json PATH] [--smoke]
+    python benchmarks/batchnorm.py [--batch 64] [--image-size 64] [--steps N] [--json PATH] [--smoke]
 
 Spawns 2 gloo ranks on this machine (one torch thread each) and times, per rank, moving a
 batch of B images (B, 3, S, S) to their shuffled owners and back; no encoder runs in between,
 since it would cost the same in both, so only the communication mechanism is measured:
 
 - ``ours``: ``plan_for_step`` (every rank derives the same permutation from a shared seed),
-  ``shuffle`` and ``unshuffle`` from ``moco_scale.distributed.shuffle_bn``: one ``all_to_all`` each way;
+  ``shuffle`` and ``unshuffle`` from ``moco_scale.distributed.shuffle``: one ``all_to_all`` each way;
 - ``reference``, written here after fb/moco's ``_batch_shuffle_ddp`` / ``_batch_unshuffle_ddp``:
   all_gather the global batch, rank 0 draws a permutation and broadcasts it, each rank keeps its
   slice; on the way back all_gather again and keep the slice of the inverse permutation. (It
@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_scale.distributed import shuffle_bn
+from moco_scale.distributed import shuffle
 from moco_scale.distributed.comm import free_port, shutdown_distributed
 
 try:
     from benchmarks._common import environment, format_table, median, spread, time_interleaved, write_json
-except ModuleNotFoundError:  # run as ``python benchmarks/shuffle_bn.py``: the script's folder is on sys.path
+except ModuleNotFoundError:  # run as ``python benchmarks/batchnorm.py``: the script's folder is on sys.path
     from _common import environment, format_table, median, spread, time_interleaved, write_json
 
 WORLD = 2
@@ -110,14 +110,14 @@ def byte_counts(batch: int, row_bytes: int, world: int, own_rows_kept: float) ->
 
 def check(x: torch.Tensor, rank: int, world: int, batch: int) -> None:
     """Both round trips give back ``x``; ours puts on each rank the rows its permutation says."""
-    plan = shuffle_bn.plan_for_step(SEED, 0, batch, x.device)
-    shuffled = shuffle_bn.shuffle(x, plan)
+    plan = shuffle.plan_for_step(SEED, 0, batch, x.device)
+    shuffled = shuffle.shuffle(x, plan)
     everyone = torch.empty((world * batch, *x.shape[1:]), dtype=x.dtype)
     dist.all_gather_single(everyone, x)
-    perm = shuffle_bn.global_permutation(SEED, 0, world * batch)
+    perm = shuffle.global_permutation(SEED, 0, world * batch)
     if not torch.equal(shuffled, everyone[perm[rank * batch : (rank + 1) * batch]]):
         raise AssertionError(f"rank {rank}: shuffle() does not match the global permutation")
-    if not torch.equal(shuffle_bn.unshuffle(shuffled, plan), x):
+    if not torch.equal(shuffle.unshuffle(shuffled, plan), x):
         raise AssertionError(f"rank {rank}: unshuffle(shuffle(x)) != x")
     reference = Reference(rank, world, batch)
     y, p = reference.shuffle(x)
@@ -139,8 +139,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
         steps = itertools.count(1)  # a new permutation every round trip, as in training
 
         def ours() -> None:
-            plan = shuffle_bn.plan_for_step(SEED, next(steps), batch, device)
-            shuffle_bn.unshuffle(shuffle_bn.shuffle(x, plan), plan)
+            plan = shuffle.plan_for_step(SEED, next(steps), batch, device)
+            shuffle.unshuffle(shuffle.shuffle(x, plan), plan)
 
         reference = Reference(rank, world, batch)
 
@@ -151,14 +151,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
         plan_steps = itertools.count(1)
 
         def plan_only() -> None:
-            shuffle_bn.plan_for_step(SEED, next(plan_steps), batch, device)
+            shuffle.plan_for_step(SEED, next(plan_steps), batch, device)
 
         methods = {"ours": ours, "reference": ref, "ours: plan_for_step alone": plan_only}
         samples = time_interleaved(methods, args.steps, args.warmup, args.repeats, before_repeat=dist.barrier)
 
         # Rows this rank keeps (sends to itself) per direction, averaged over many permutations.
         kept = [
-            shuffle_bn.make_plan(shuffle_bn.global_permutation(SEED, s, world * batch), rank, world, batch, device)
+            shuffle.make_plan(shuffle.global_permutation(SEED, s, world * batch), rank, world, batch, device)
             for s in range(1, 201)
         ]
         own_rows_kept = sum(p.send_counts[rank] + p.recv_counts[rank] for p in kept) / (2 * len(kept))

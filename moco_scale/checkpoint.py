@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from moco_scale.distributed.queue import ShardedKeyQueue
 from moco_scale.engine.deepspeed_internals import MODEL_FILE, ZERO_SHARD_GLOB, ZERO_SHARD_PATTERN, zero_shard_file
 from moco_scale.fileio import fsync_dir, fsync_file, write_atomically
 
@@ -139,9 +139,17 @@ def _plain(tree: Any, where: str = "") -> Any:
     raise TypeError(f"checkpoint value {where or 'root'} is a {type(tree).__name__}, not a tensor or plain value")
 
 
-def _queue_slice(engine) -> ShardedKeyQueue | None:
-    queue = getattr(engine.model, "queue", None)
-    return queue if isinstance(queue, ShardedKeyQueue) else None
+def rank_local_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The submodules whose state differs from rank to rank (``rank_local = True``, e.g. a sharded queue).
+    A backend checkpoints rank 0's copy of every buffer, so each rank's file holds its own copy of these."""
+    return {name: module for name, module in model.named_modules() if getattr(module, "rank_local", False)}
+
+
+def _saved_rank_local(own: dict[str, Any]) -> dict[str, Any]:
+    """A rank file's rank-local states; files written before ``rank_local`` held the sharded queue's alone."""
+    if "rank_local" in own:
+        return own["rank_local"]
+    return {"queue": own["queue_slice"]} if own.get("queue_slice") is not None else {}
 
 
 def _rank_file(path: Path, rank: int) -> Path:
@@ -225,7 +233,7 @@ def save(
     engine.save_checkpoint(str(root), tag=partial.name)
     error = ""
     try:
-        queue = _queue_slice(engine)
+        rank_local = rank_local_modules(engine.model)
         state = {
             "step": step,
             "epoch": epoch,
@@ -233,8 +241,8 @@ def save(
             "loader": loader_state,
             "rng": rng_state(),
             "world_size": dist.get_world_size(),
-            "reshardable": engine.reshardable and queue is None,
-            "queue_slice": queue.state_dict() if queue is not None else None,
+            "reshardable": engine.reshardable and not rank_local,
+            "rank_local": {name: module.state_dict() for name, module in rank_local.items()},
         }
         torch.save(_plain(state), _rank_file(partial, rank))
         for file in partial.iterdir():  # what this rank wrote, flushed before anything names it
@@ -436,7 +444,7 @@ def check_world_size(path: Path, world_size: int) -> None:
     saved = meta["world_size"]
     if saved != world_size and not meta.get("reshardable", True):
         engine = meta.get("config", {}).get("engine", {})
-        what = "moco.shard_queue" if meta.get("queue_slice") is not None else f"ZeRO-{engine.get('zero_stage')}"
+        what = "moco.shard_queue" if _saved_rank_local(meta) else f"ZeRO-{engine.get('zero_stage')}"
         raise CheckpointError(
             f"{path}: {what} checkpoints resume on the world size that wrote them ({saved} ranks), not {world_size}"
         )
@@ -498,11 +506,13 @@ def load(engine, path: Path) -> tuple[int, dict, int]:
     own_file = _rank_file(path, dist.get_rank())
     own = _load_plain(own_file if own_file.is_file() else _rank_file(path, 0))
     check_world_size(path, dist.get_world_size())
-    queue = _queue_slice(engine)
-    if queue is not None and own.get("queue_slice") is None:
-        raise CheckpointError(f"{path} holds a replicated queue, but moco.shard_queue=true")
+    rank_local, saved_rank_local = rank_local_modules(engine.model), _saved_rank_local(own)
+    if missing := sorted(rank_local.keys() - saved_rank_local.keys()):
+        raise CheckpointError(
+            f"{path} holds no per-rank state of {', '.join(missing)}: it was saved without moco.shard_queue=true"
+        )
     engine.load_checkpoint(str(path.parent), tag=path.name, saved_world_size=own["world_size"])
-    if queue is not None:  # DeepSpeed restored rank 0's slice everywhere
-        queue.load_state_dict(own["queue_slice"])
+    for name, module in rank_local.items():  # the backend restored rank 0's copy everywhere
+        module.load_state_dict(saved_rank_local[name])
     set_rng_state(own["rng"])
     return own["step"], own["loader"], own["world_size"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dist_utils import run_ranks
 
 from moco_scale.config import MocoConfig
-from moco_scale.distributed import shuffle_bn
+from moco_scale.distributed import shuffle
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
 
@@ -97,10 +97,10 @@ def test_single_process_shuffle_bn_changes_keys_but_not_their_order() -> None:
     assert k.shape == expected_rows.shape
     assert (k - expected_rows).abs().max() > 1e-3  # the groups hold other samples after the shuffle
     # Row i is still image i's key: encoding image i with the same group-mates reproduces it.
-    plan = shuffle_bn.plan_for_step(0, 3, 8, torch.device("cpu"))
+    plan = shuffle.plan_for_step(0, 3, 8, torch.device("cpu"))
     with torch.no_grad():
         direct = F.normalize(
-            shuffle_bn.unshuffle(copy.deepcopy(shuffled.encoder_k)(shuffle_bn.shuffle(x2, plan)), plan), dim=1
+            shuffle.unshuffle(copy.deepcopy(shuffled.encoder_k)(shuffle.shuffle(x2, plan)), plan), dim=1
         )
     torch.testing.assert_close(k, direct, rtol=1e-5, atol=1e-5)
 

@@ -11,10 +11,10 @@ from dist_utils import run_ranks
 from torch.distributed.tensor import DTensor
 
 from moco_scale.config import MocoConfig
-from moco_scale.distributed.queue import KeyQueue
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
+from moco_scale.moco.queue import KeyQueue
 from moco_scale.models import build_resnet
 from moco_scale.optim import build_optimizer
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dist_utils import run_ranks
 from torch import nn
 
-from moco_scale.distributed.queue import KeyQueue, ShardedKeyQueue
+from moco_scale.moco.queue import KeyQueue, ShardedKeyQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,7 +179,7 @@ def test_torchrun_two_ranks_sharded_queue_trains_and_resumes(tmp_path: Path) -> 
 
     assert "done: 3 steps" in launch(3, "--checkpoint.every_steps=3").stdout
     saved = run_dir / "checkpoints" / "step_00000003"
-    slices = [torch.load(saved / f"rank_{r:05d}.pt", weights_only=False)["queue_slice"] for r in range(2)]
+    slices = [torch.load(saved / f"rank_{r:05d}.pt", weights_only=False)["rank_local"]["queue"] for r in range(2)]
     assert all(s["shard"].shape == (128, 128) and int(s["ptr"]) == 3 * 32 % 128 for s in slices)
     assert not torch.equal(slices[0]["shard"], slices[1]["shard"])
     assert "done: 4 steps" in launch(4, "--checkpoint.resume=auto", "--checkpoint.every_steps=4", ALLOW_LONGER).stdout
@@ -187,5 +187,5 @@ def test_torchrun_two_ranks_sharded_queue_trains_and_resumes(tmp_path: Path) -> 
         after = torch.load(run_dir / "checkpoints" / "step_00000004" / f"rank_{r:05d}.pt", weights_only=False)
         kept = torch.ones(128, dtype=torch.bool)
         kept[96:] = False
-        assert torch.equal(after["queue_slice"]["shard"][kept], before["shard"][kept])
-        assert not torch.equal(after["queue_slice"]["shard"][~kept], before["shard"][~kept])
+        assert torch.equal(after["rank_local"]["queue"]["shard"][kept], before["shard"][kept])
+        assert not torch.equal(after["rank_local"]["queue"]["shard"][~kept], before["shard"][~kept])

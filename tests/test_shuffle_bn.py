@@ -8,7 +8,8 @@ import torch.distributed as dist
 from dist_utils import run_ranks
 from torch import nn
 
-from moco_scale.distributed import shuffle_bn
+from moco_scale.distributed import shuffle
+from moco_scale.moco import batchnorm
 
 
 def _encoder() -> nn.Module:
@@ -44,9 +45,9 @@ def _check_matches_reference(rank: int, world: int, batch: int) -> None:
     x = _rank_batch(rank, batch)
     with torch.no_grad():
         for step in range(3):
-            plan = shuffle_bn.plan_for_step(seed=7, step=step, batch=batch, device=x.device)
-            ours = shuffle_bn.unshuffle(_encoder()(shuffle_bn.shuffle(x, plan)), plan)
-            perm = shuffle_bn.global_permutation(7, step, world * batch)
+            plan = shuffle.plan_for_step(seed=7, step=step, batch=batch, device=x.device)
+            ours = shuffle.unshuffle(_encoder()(shuffle.shuffle(x, plan)), plan)
+            perm = shuffle.global_permutation(7, step, world * batch)
             reference = _reference_keys(x, perm, _encoder(), rank, batch)
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
             unshuffled = _encoder()(x)  # what skipping the shuffle would give
@@ -62,8 +63,8 @@ def test_plan_round_trip_without_processes() -> None:
     """make_plan for every rank of a 4-rank world, with the all_to_all done by hand."""
     world, batch = 4, 5
     data = torch.arange(world * batch).float()
-    perm = shuffle_bn.global_permutation(3, 11, world * batch)
-    plans = [shuffle_bn.make_plan(perm, r, world, batch, torch.device("cpu")) for r in range(world)]
+    perm = shuffle.global_permutation(3, 11, world * batch)
+    plans = [shuffle.make_plan(perm, r, world, batch, torch.device("cpu")) for r in range(world)]
     for r in range(world):
         assert sum(plans[r].send_counts) == batch and sum(plans[r].recv_counts) == batch
     # Hand-made all_to_all: rank r's outgoing buffer is split by send_counts, one chunk per destination.
@@ -78,26 +79,26 @@ def test_plan_round_trip_without_processes() -> None:
 
 
 def test_permutation_is_shared_and_changes_per_step() -> None:
-    a, b = shuffle_bn.global_permutation(1, 5, 64), shuffle_bn.global_permutation(1, 5, 64)
+    a, b = shuffle.global_permutation(1, 5, 64), shuffle.global_permutation(1, 5, 64)
     assert torch.equal(a, b)
-    assert not torch.equal(a, shuffle_bn.global_permutation(1, 6, 64))
+    assert not torch.equal(a, shuffle.global_permutation(1, 6, 64))
     assert torch.equal(a.sort().values, torch.arange(64))
 
 
 def test_single_process_shuffle_is_local_permutation() -> None:
     x = torch.randn(12, 3)
-    plan = shuffle_bn.make_plan(shuffle_bn.global_permutation(0, 2, 12), 0, 1, 12, torch.device("cpu"))
-    shuffled = shuffle_bn.shuffle(x, plan)
+    plan = shuffle.make_plan(shuffle.global_permutation(0, 2, 12), 0, 1, 12, torch.device("cpu"))
+    shuffled = shuffle.shuffle(x, plan)
     assert not torch.equal(shuffled, x)
     torch.testing.assert_close(shuffled.sort(0).values, x.sort(0).values)
-    torch.testing.assert_close(shuffle_bn.unshuffle(shuffled, plan), x)
+    torch.testing.assert_close(shuffle.unshuffle(shuffled, plan), x)
 
 
 def test_split_batchnorm_matches_per_group_reference() -> None:
     torch.manual_seed(0)
     groups, batch = 4, 16
     x = torch.randn(batch, 3, 5, 5) + torch.arange(batch).view(-1, 1, 1, 1) * 0.3
-    split = shuffle_bn.SplitBatchNorm(3, groups)
+    split = batchnorm.SplitBatchNorm(3, groups)
     with torch.no_grad():
         split.weight.uniform_(0.5, 1.5)
         split.bias.uniform_(-0.5, 0.5)
@@ -126,7 +127,7 @@ def test_split_batchnorm_matches_per_group_reference() -> None:
 
 def test_split_batchnorm_rejects_uneven_batch() -> None:
     with pytest.raises(ValueError, match="does not split into 4"):
-        shuffle_bn.SplitBatchNorm(3, 4)(torch.randn(6, 3, 2, 2))
+        batchnorm.SplitBatchNorm(3, 4)(torch.randn(6, 3, 2, 2))
 
 
 def _check_sync_bn(rank: int, world: int, dims: int) -> None:
@@ -138,10 +139,10 @@ def _check_sync_bn(rank: int, world: int, dims: int) -> None:
     with torch.no_grad():
         reference.weight.uniform_(0.5, 1.5)
         reference.bias.uniform_(-1, 1)
-    synced = shuffle_bn.convert_batchnorm(nn.Sequential(reference), "sync", 1, torch.device("cpu"))[0]
+    synced = batchnorm.convert_batchnorm(nn.Sequential(reference), "sync", 1, torch.device("cpu"))[0]
     reference = (nn.BatchNorm2d(4) if dims == 4 else nn.BatchNorm1d(4)).train()
     reference.load_state_dict(synced.state_dict())
-    assert isinstance(synced, shuffle_bn.GlooSyncBatchNorm)
+    assert isinstance(synced, batchnorm.GlooSyncBatchNorm)
     weights = torch.randn_like(full)
     local = full[rank * shape[0] : (rank + 1) * shape[0]].clone().requires_grad_(True)
     out = synced(local)
@@ -166,8 +167,8 @@ def test_gloo_sync_batchnorm_matches_full_batch(dims: int) -> None:
 def test_convert_keeps_state_and_modes() -> None:
     net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Sequential(nn.BatchNorm1d(3)))
     net[1].running_mean.fill_(2.0)
-    split = shuffle_bn.convert_batchnorm(net, "split", 2, torch.device("cpu"))
-    assert isinstance(split[1], shuffle_bn.SplitBatchNorm) and split[1].running_mean[0] == 2.0
+    split = batchnorm.convert_batchnorm(net, "split", 2, torch.device("cpu"))
+    assert isinstance(split[1], batchnorm.SplitBatchNorm) and split[1].running_mean[0] == 2.0
     assert type(split[2][0]) is nn.BatchNorm1d  # heads keep plain BN in split mode
     with pytest.raises(ValueError, match="unknown batch-norm mode"):
-        shuffle_bn.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), "bogus", 1, torch.device("cpu"))
+        batchnorm.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), "bogus", 1, torch.device("cpu"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from moco_scale.distributed.ema import MomentumUpdater
+from moco_scale.moco.momentum import MomentumUpdater
 from moco_scale.models import build_resnet
 
 

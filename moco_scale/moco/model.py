@@ -18,10 +18,12 @@ from torch import nn
 
 from moco_scale import profiling
 from moco_scale.config import MocoConfig
-from moco_scale.distributed import shuffle_bn
+from moco_scale.distributed import shuffle
 from moco_scale.distributed.comm import all_gather_concat, rank
-from moco_scale.distributed.ema import LocalShard, MomentumUpdater
-from moco_scale.distributed.queue import KeyQueue, ShardedKeyQueue
+from moco_scale.moco.batchnorm import convert_batchnorm
+from moco_scale.moco.loss import in_batch_info_nce
+from moco_scale.moco.momentum import LocalShard, MomentumUpdater
+from moco_scale.moco.queue import KeyQueue, ShardedKeyQueue
 
 
 class MocoOutput(NamedTuple):
@@ -50,13 +52,6 @@ def projection_head(version: str, in_dim: int, hidden_dim: int, out_dim: int) ->
     if version == "v2":
         return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
     return mlp(in_dim, hidden_dim, out_dim, layers=3, last_bn=True)
-
-
-def info_nce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the candidates, and the instance-discrimination accuracy."""
-    logits = logits.float()
-    accuracy = (logits.argmax(dim=1) == labels).float().mean()
-    return F.cross_entropy(logits, labels), accuracy
 
 
 class MoCo(nn.Module):
@@ -97,10 +92,10 @@ class MoCo(nn.Module):
         self.encoder_q.add_module("head", projection_head(cfg.version, feature_dim, hidden_dim, cfg.dim))
         bn_mode = {"sync": "sync", "none": "local"}.get(cfg.shuffle_bn, "split" if world_size == 1 else "local")
         device = next(backbone.parameters()).device
-        shuffle_bn.convert_batchnorm(self.encoder_q, bn_mode, cfg.bn_groups, device)
+        convert_batchnorm(self.encoder_q, bn_mode, cfg.bn_groups, device)
         self.predictor = mlp(cfg.dim, hidden_dim, cfg.dim, layers=2, last_bn=False) if cfg.version == "v3" else None
         if self.predictor is not None:
-            shuffle_bn.convert_batchnorm(self.predictor, bn_mode, cfg.bn_groups, device)
+            convert_batchnorm(self.predictor, bn_mode, cfg.bn_groups, device)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         queue_type = ShardedKeyQueue if cfg.shard_queue else KeyQueue
@@ -135,9 +130,9 @@ class MoCo(nn.Module):
     def _key(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if not self.shuffle_keys:
             return F.normalize(self._encode_key(x), dim=1)
-        plan = shuffle_bn.plan_for_step(self.shuffle_seed, step, x.shape[0], x.device)
-        k = self._encode_key(shuffle_bn.shuffle(x, plan))
-        return F.normalize(shuffle_bn.unshuffle(k, plan), dim=1)
+        plan = shuffle.plan_for_step(self.shuffle_seed, step, x.shape[0], x.device)
+        k = self._encode_key(shuffle.shuffle(x, plan))
+        return F.normalize(shuffle.unshuffle(k, plan), dim=1)
 
     def _encode_key(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder_k(x.contiguous(memory_format=torch.channels_last) if self.key_channels_last else x)
@@ -150,14 +145,7 @@ class MoCo(nn.Module):
         k = self._key(view2, step)
         with profiling.stage("queue_loss"), torch.autocast(q.device.type, enabled=False):
             q, k = q.float(), k.float()
-            if isinstance(self.queue, ShardedKeyQueue):  # the same loss, its denominator summed over ranks
-                loss, accuracy = self.queue.info_nce(q, k, self.temperature)
-            else:
-                positive = (q * k).sum(dim=1, keepdim=True)
-                negatives = q @ self.queue.keys.clone().T
-                logits = torch.cat([positive, negatives], dim=1) / self.temperature
-                labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-                loss, accuracy = info_nce(logits, labels)
+            loss, accuracy = self.queue.info_nce(q, k, self.temperature)
             self.queue.enqueue(k)
         return MocoOutput(loss, accuracy)
 
@@ -167,10 +155,7 @@ class MoCo(nn.Module):
         with torch.autocast(q.device.type, enabled=False):
             q = F.normalize(q.float(), dim=1)
             keys = all_gather_concat(k.float())
-            logits = q @ keys.T / self.temperature
-            labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
-            loss, accuracy = info_nce(logits, labels)
-        return loss * 2 * self.temperature, accuracy
+            return in_batch_info_nce(q, keys, q.shape[0] * rank(), self.temperature)
 
     def _forward_v3(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
         q1, q2 = self._query(view1), self._query(view2)

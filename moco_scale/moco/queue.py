@@ -1,5 +1,6 @@
 """The MoCo dictionary: a FIFO ring of the K most recent keys, identical on every rank
-(:class:`KeyQueue`), or cut into one slice per rank (:class:`ShardedKeyQueue`)."""
+(:class:`KeyQueue`), or cut into one slice per rank (:class:`ShardedKeyQueue`). Both have one
+interface: ``enqueue(keys)``, ``undo_enqueue()``, ``size`` and ``info_nce(q, k, T)``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from moco_scale.distributed.comm import (
     rank,
     world_size,
 )
+from moco_scale.moco.loss import queue_info_nce
 
 
 class _Ring(nn.Module):
@@ -67,6 +69,10 @@ class KeyQueue(_Ring):
             raise ValueError(f"global batch of {keys.shape[0]} keys exceeds the queue size {self.size}")
         self._write(self.keys, keys)
 
+    def info_nce(self, q: torch.Tensor, k: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of each query's positive key ``k`` against the K queued keys, and the accuracy."""
+        return queue_info_nce(q, k, self.keys.clone(), temperature)  # clone: enqueue overwrites the ring
+
 
 def distributed_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise logsumexp over the columns of every rank's ``logits`` together, and the row-wise maximum.
@@ -97,8 +103,10 @@ class ShardedKeyQueue(_Ring):
     :func:`distributed_logsumexp`, and each rank keeps its own queries' rows, whose positive logit
     only it holds. The loss and the gradient of each rank's queries equal those of the replicated
     queue. Each rank draws its initial slice from its own seed, so the slices are distinct. The
-    slice differs between ranks, so a checkpoint must store it per rank (moco_scale.checkpoint).
+    slice differs between ranks, so a checkpoint stores it per rank (``rank_local``).
     """
+
+    rank_local = True  # each rank's slice is its own: checkpoints store it per rank
 
     def __init__(self, size: int, dim: int):
         super().__init__()
