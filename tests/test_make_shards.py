@@ -118,7 +118,7 @@ def test_round_trip_byte_identical_with_labels(src: Path, built: Path) -> None:
 
 def test_corrupt_and_empty_files_are_skipped_and_listed(src: Path, built: Path) -> None:
     manifest = json.loads((built / "manifest.json").read_text())
-    bad = {Path(entry["path"]).name: entry["error"] for entry in manifest["bad_files"]}
+    bad = {Path(entry["path"]).name: entry["error"] for entry in manifest["bad_samples"]}
     assert bad == {"bad.jpg": "not an image format PIL can identify", "empty.jpg": "empty file"}
     assert not any(name.startswith(("bad.", "empty.")) for name in _read_tars(_shards(built)))
     assert manifest["checked_with"] == decoders()  # with "dali", lets data.backend=auto pick DALI for these shards
@@ -193,7 +193,7 @@ def test_list_file_input(src: Path, tmp_path: Path) -> None:
     assert members["dog_2.jpg"] == (src / "dog" / "dog_2.jpg").read_bytes()
     assert [members[f"{k}.cls"] for k in ("cat_1", "dog_2", "bird_0")] == [b"7", b"3", b"5"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["class_names"] is None and manifest["samples"] == 3 and manifest["bad_files"] == []
+    assert manifest["class_names"] is None and manifest["samples"] == 3 and manifest["bad_samples"] == []
 
 
 def _plain_shards(src: Path, folder: Path) -> list[Path]:

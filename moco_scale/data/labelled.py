@@ -25,16 +25,14 @@ The workers of both ignore SIGUSR1, SIGTERM and SIGINT, which are the main proce
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, LINEAR_EVAL, ViewSpec
-from moco_scale.data.shards import DataError, excluded_samples, shard_sizes
+from moco_scale.data.shards import DataError, excluded_samples, manifests_of, shard_sizes
 from moco_scale.data.torch_loader import (
     StreamBatches,
     TwoViewStream,
@@ -70,13 +68,7 @@ def eval_transform(size: int) -> T.Compose:
 
 def num_classes_of(shards: list[str]) -> int | None:
     """The number of class names that the shards' ``manifest.json`` files list; None when none lists any."""
-    counts = set()
-    for folder in sorted({Path(s).parent for s in shards}):
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            names = json.loads(manifest.read_text()).get("class_names")
-            if names:
-                counts.add(len(names))
+    counts = {len(names) for content in manifests_of(shards).values() if (names := content.get("class_names"))}
     if len(counts) > 1:
         raise DataError(f"the manifests of {shards[0]}... list different numbers of classes: {sorted(counts)}")
     return counts.pop() if counts else None

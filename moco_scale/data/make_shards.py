@@ -8,7 +8,7 @@ labels 0, 1, ...) or a text file of ``path label`` lines (tab or space separated
 from the list file's folder; blank lines and ``#`` comments are skipped). Every image is decoded before it
 is written, by PIL and, when DALI is installed, by DALI's stricter decoder too (``checked_with`` in the
 manifest): JPEGs are stored byte for byte, other formats are re-encoded as JPEG, and files that fail are
-skipped and listed under ``bad_files`` in ``OUT/manifest.json``.
+skipped and listed under ``bad_samples`` in ``OUT/manifest.json``.
 
 Shard ``i`` holds the images that decode among inputs ``i*N .. i*N+N-1`` (in input order) whatever the
 number of workers, so a shard with bad inputs holds fewer than N samples. The manifest records a
@@ -42,6 +42,7 @@ from moco_scale.data.shards import (
     DataError,
     excluded_samples,
     list_shards,
+    read_manifest,
     split_member,
     tar_samples,
     write_index,
@@ -203,10 +204,9 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_manifest(path)
+    except DataError:
         return {}
-    return manifest if isinstance(manifest, dict) else {}
 
 
 def _complete(out: Path, manifest: dict[str, Any]) -> bool:
@@ -280,20 +280,20 @@ def make_shards(
     ]
     results = _parallel(_write_job, jobs, [len(chunk) for chunk, _, _ in jobs], "img", workers, progress)
     shards = [(Path(path).name, count) for (_, path, _), (count, _) in zip(jobs, results, strict=True) if count]
-    bad_files = [entry for _, bad in results for entry in bad]
+    bad_samples = [entry for _, bad in results for entry in bad]
     _remove_stale(out, prefix, {name for name, _ in shards}, old)
     manifest = write_manifest(
         out,
         shards,
         class_names,
-        bad_files=bad_files,
+        bad_samples=bad_samples,
         checked_with=with_decoders,
         source=str(src),
         inputs=len(inputs),
         shard_size=shard_size,
         fingerprint=fingerprint,
     )
-    print(f"wrote {manifest['samples']} samples in {len(shards)} shards to {out}; {len(bad_files)} bad files skipped")
+    print(f"wrote {manifest['samples']} samples in {len(shards)} shards to {out}; {len(bad_samples)} bad files skipped")
     return manifest
 
 

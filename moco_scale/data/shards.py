@@ -170,7 +170,7 @@ def _reindex(folder: Path) -> str:
     return f"re-index the folder: python -m moco_scale.data.make_shards --index-only {folder} --check"
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
     """A ``manifest.json``; a one-line :class:`DataError` when it is not one that :func:`write_manifest` writes."""
     try:
         content = json.loads(path.read_text())
@@ -205,14 +205,14 @@ def _check_unchanged(shard: Path, entry: dict[str, Any]) -> None:
         raise DataError(f"{shard} {problem}: it changed after it was indexed; {_reindex(shard.parent)}")
 
 
-def _manifests(shards: list[str]) -> dict[Path, dict[str, Any]]:
+def manifests_of(shards: list[str]) -> dict[Path, dict[str, Any]]:
     """The ``manifest.json`` beside the shards, by folder (folders without one are left out), after checking that
     each of ``shards`` it lists is unchanged since (:func:`_check_unchanged`)."""
     found = {}
     for folder in {Path(s).parent for s in shards}:
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            found[folder] = _read_manifest(manifest)
+            found[folder] = read_manifest(manifest)
     wanted = {Path(s) for s in shards}
     for folder, content in found.items():
         for entry in content["shards"]:
@@ -224,7 +224,7 @@ def _manifests(shards: list[str]) -> dict[Path, dict[str, Any]]:
 def checked_with(shards: list[str]) -> set[str]:
     """The decoders that every image of every shard was checked with (``pil``, ``dali``), from the manifests."""
     by_shard: dict[str, set[str]] = {}
-    for folder, content in _manifests(shards).items():
+    for folder, content in manifests_of(shards).items():
         for entry in content["shards"]:
             by_shard[str(folder / entry["name"])] = set(content.get("checked_with", ()))
     found = [by_shard.get(str(Path(s)), set()) for s in shards]
@@ -235,7 +235,7 @@ def usable_shards(shards: list[str]) -> list[str]:
     """``shards`` but those that a manifest lists with no sample (a shard check found none that decodes)."""
     empty = {
         str(folder / entry["name"])
-        for folder, content in _manifests(shards).items()
+        for folder, content in manifests_of(shards).items()
         for entry in content["shards"]
         if entry["samples"] == 0
     }
@@ -248,7 +248,7 @@ def usable_shards(shards: list[str]) -> list[str]:
 def excluded_samples(shards: list[str]) -> dict[str, frozenset[str]]:
     """The keys a shard check left out of each shard's index (``bad_samples`` with a ``shard``), by shard."""
     excluded: dict[str, set[str]] = {}
-    for folder, content in _manifests(shards).items():
+    for folder, content in manifests_of(shards).items():
         for entry in content.get("bad_samples", ()):
             if "shard" in entry:
                 excluded.setdefault(str(folder / entry["shard"]), set()).add(entry["key"])
@@ -280,7 +280,7 @@ def shard_sizes(shards: list[str]) -> dict[str, int]:
     """Samples in each shard, from a ``manifest.json`` beside it when there is one, else by reading the tar."""
     listed = {
         str(folder / entry["name"]): entry["samples"]
-        for folder, content in _manifests(shards).items()
+        for folder, content in manifests_of(shards).items()
         for entry in content["shards"]
     }
     sizes = {}
