@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from moco_scale.data.augment import moco_views
-from moco_scale.data.shards import write_shards
+from moco_scale.data.shards import StreamSpec, write_shards
 from moco_scale.data.torch_loader import two_view_loader
 
 try:
@@ -133,9 +133,9 @@ def build_loader(name: str, folder: Path, shards: list[str], args: argparse.Name
     if name == "dali":
         from moco_scale.data.dali import DaliTwoViewLoader
 
-        return DaliTwoViewLoader(shards, views, args.batch, 0, 1, seed=SEED, device_id=None, num_threads=args.workers)
+        return DaliTwoViewLoader(StreamSpec(shards, views, args.batch, seed=SEED), num_threads=args.workers)
     if name == "torch":
-        return two_view_loader(shards, views, args.batch, 0, 1, workers=args.workers, seed=SEED)
+        return two_view_loader(StreamSpec(shards, views, args.batch, seed=SEED), args.workers)
     dataset = datasets.ImageFolder(str(folder), two_crops(views))
     loader = DataLoader(
         dataset,

@@ -48,7 +48,7 @@ from reference_moco import ReferenceMoCo, ReferenceTrainer
 from moco_scale.config import Config, load_config
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import two_view_batches
-from moco_scale.data.shards import list_shards
+from moco_scale.data.shards import StreamSpec, list_shards
 from moco_scale.distributed.comm import free_port, shutdown_distributed
 from moco_scale.eval.knn import KnnMonitor
 from moco_scale.optim import learning_rate, linear_scaled_lr
@@ -154,19 +154,9 @@ def reference_worker(rank: int, port: int, cfg: Config, loader: str, image_folde
             Path(image_folder), views, t.batch_size, rank, WORLD, cfg.data.workers, cfg.data.seed
         )
     else:
-        batches = two_view_batches(
-            cfg.data.backend,
-            list_shards(str(demo["train"])),
-            views,
-            t.batch_size,
-            rank,
-            WORLD,
-            cfg.data.workers,
-            cfg.data.seed,
-            cfg.data.shuffle_buffer,
-            torch.device("cpu"),
-            False,
-        )
+        shards = list_shards(str(demo["train"]))
+        stream = StreamSpec(shards, views, t.batch_size, rank, WORLD, cfg.data.seed, cfg.data.shuffle_buffer)
+        batches = two_view_batches(cfg.data.backend, stream, workers=cfg.data.workers, device=torch.device("cpu"))
     peak_lr = linear_scaled_lr(o.base_lr, t.batch_size * WORLD)
     model.train()
     for step in range(t.max_steps):

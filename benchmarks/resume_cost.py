@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # run as ``python benchmarks/resume_cost.py``: the 
 from moco_scale.data import torch_loader
 from moco_scale.data.augment import moco_views
 from moco_scale.data.demo import ensure_demo_shards
-from moco_scale.data.shards import list_shards, write_shards
+from moco_scale.data.shards import StreamSpec, list_shards, write_shards
 
 SAMPLES, BATCH, BUFFER = 64, 8, 16
 COLUMNS = ["epochs", "resume_ms", "resume_decodes", "replay_ms", "replay_decodes"]
@@ -58,9 +58,8 @@ def state_at(epoch: int) -> dict:
 
 def resume(shards: list[str], epoch: int) -> None:
     """The new loader: from the saved position to the first batch."""
-    batches = torch_loader.two_view_loader(
-        shards, moco_views("v2", 16), BATCH, 0, 1, workers=0, shuffle_buffer=BUFFER, state=state_at(epoch)
-    )
+    stream = StreamSpec(shards, moco_views("v2", 16), BATCH, shuffle_buffer=BUFFER)
+    batches = torch_loader.two_view_loader(stream, state=state_at(epoch))
     next(batches)
 
 
@@ -71,7 +70,7 @@ def replay(shards: list[str], epoch: int) -> None:
     samples = stream.raw_stream()
     for _ in range(state_at(epoch)["samples"]):
         torch_loader.decode_sample(next(samples)[2])
-    next(torch_loader.two_view_loader(shards, moco_views("v2", 16), BATCH, 0, 1, workers=0, shuffle_buffer=BUFFER))
+    next(torch_loader.two_view_loader(StreamSpec(shards, moco_views("v2", 16), BATCH, shuffle_buffer=BUFFER)))
 
 
 def count_decodes(run: Callable[[], None]) -> int:

@@ -32,7 +32,7 @@ from moco_scale.config import (
 )
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import Batch, LoaderLayout, backend_of, remap_state, resolve_backend, two_view_batches
-from moco_scale.data.shards import DataError, count_samples, list_shards
+from moco_scale.data.shards import DataError, StreamSpec, count_samples, list_shards
 from moco_scale.distributed.comm import DistInfo, init_distributed, leave_if_groups_linger, shutdown_distributed
 from moco_scale.engine.base import COMPUTE_DTYPES, TrainEngine
 from moco_scale.engine.deepspeed import DeepSpeedEngine
@@ -111,19 +111,16 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
 
 def build_batches(cfg: Config, ctx: DistInfo, shards: list[str], state: dict | None = None) -> Iterator[Batch]:
     """This rank's endless ``(view1, view2, labels)`` batches, from ``state`` when resuming."""
+    d = cfg.data
+    views = cfg.aug.views(d.image_size)
+    stream = StreamSpec(shards, views, cfg.train.batch_size, ctx.rank, ctx.world_size, d.seed, d.shuffle_buffer)
     return two_view_batches(
-        cfg.data.backend,
-        shards,
-        cfg.aug.views(cfg.data.image_size),
-        cfg.train.batch_size,
-        ctx.rank,
-        ctx.world_size,
-        cfg.data.workers,
-        cfg.data.seed,
-        cfg.data.shuffle_buffer,
-        ctx.device,
-        uses_channels_last(cfg, ctx),
-        COMPUTE_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
+        d.backend,
+        stream,
+        workers=d.workers,
+        device=ctx.device,
+        channels_last=uses_channels_last(cfg, ctx),
+        dtype=COMPUTE_DTYPES[cfg.engine.resolved_precision(ctx.device.type)],
         state=state,
     )
 

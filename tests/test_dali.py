@@ -24,7 +24,7 @@ from moco_scale.data.dali import (
     dali_available,
     index_paths,
 )
-from moco_scale.data.shards import list_shards, write_shards
+from moco_scale.data.shards import StreamSpec, list_shards, write_shards
 from moco_scale.data.torch_loader import two_view_loader
 
 LUMA = (0.299, 0.587, 0.114)
@@ -75,7 +75,7 @@ def color_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 def _run(shards: list[str], views: tuple[ViewSpec, ViewSpec], batch_size: int = 8) -> list[TensorListCPU]:
     """One CPU batch of ``(view1, view2, cls)``."""
-    pipe = build_two_view_pipeline(shards, views, batch_size, 0, 1, 0, None, 1)
+    pipe = build_two_view_pipeline(StreamSpec(shards, views, batch_size), device_id=None, num_threads=1)
     pipe.build()
     return pipe.run()
 
@@ -86,10 +86,10 @@ def test_dali_is_available() -> None:
 
 def test_views_have_the_configured_shape_and_are_normalised(demo_shards: dict[str, Path]) -> None:
     shards, views = list_shards(str(demo_shards["val"])), moco_views("v2", 24)
-    loader = DaliTwoViewLoader(shards, views, 16, 0, 1, num_threads=2)
+    loader = DaliTwoViewLoader(StreamSpec(shards, views, 16), num_threads=2)
     assert loader.samples_per_epoch == 300
     view1, view2, labels = next(loader)
-    fallback = next(iter(two_view_loader(shards, views, 16, 0, 1, workers=0, shuffle_buffer=16)))
+    fallback = next(iter(two_view_loader(StreamSpec(shards, views, 16, shuffle_buffer=16))))
     assert [(t.shape, t.dtype) for t in (view1, view2, labels)] == [(t.shape, t.dtype) for t in fallback]
     assert view1.shape == view2.shape == (16, 3, 24, 24) and view1.dtype == torch.float32 and view1.is_contiguous()
     assert labels.dtype == torch.int64 and labels.shape == (16,) and labels.min() >= 0 and labels.max() <= 9
@@ -101,8 +101,8 @@ def test_views_have_the_configured_shape_and_are_normalised(demo_shards: dict[st
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_channels_last_and_dtype_keep_the_views(demo_shards: dict[str, Path], dtype: torch.dtype) -> None:
     shards, views = list_shards(str(demo_shards["val"])), moco_views("v3", 16)
-    reference = DaliTwoViewLoader(shards, views, 8, 0, 1, seed=5, num_threads=1)
-    loader = DaliTwoViewLoader(shards, views, 8, 0, 1, seed=5, num_threads=1, dtype=dtype, channels_last=True)
+    reference = DaliTwoViewLoader(StreamSpec(shards, views, 8, seed=5), num_threads=1)
+    loader = DaliTwoViewLoader(StreamSpec(shards, views, 8, seed=5), num_threads=1, dtype=dtype, channels_last=True)
     expected, got = next(reference), next(loader)
     for want, view in zip(expected[:2], got[:2], strict=True):
         assert view.shape == want.shape and view.dtype == dtype
@@ -114,7 +114,7 @@ def test_channels_last_and_dtype_keep_the_views(demo_shards: dict[str, Path], dt
 def test_labels_are_the_samples_cls(demo_shards: dict[str, Path]) -> None:
     shards = list_shards(str(demo_shards["val"]))
     members = _tar_members(shards)
-    pipe = build_two_view_pipeline(shards, moco_views("v2", 16), 32, 0, 1, 0, None, 2)
+    pipe = build_two_view_pipeline(StreamSpec(shards, moco_views("v2", 16), 32), device_id=None, num_threads=2)
     pipe.build()
     for _ in range(2):
         view1, view2, cls = pipe.run()
@@ -142,7 +142,7 @@ def test_two_ranks_split_each_epoch_without_overlap(demo_shards: dict[str, Path]
     everything = {name.split(".")[0] for name in _tar_members(shards)}
     epochs: list[list[list[str]]] = []
     for rank in range(2):
-        loader = DaliTwoViewLoader(shards, moco_views("v2", 8), 100, rank, 2, seed=3, num_threads=2)
+        loader = DaliTwoViewLoader(StreamSpec(shards, moco_views("v2", 8), 100, rank, 2, seed=3), num_threads=2)
         n = loader.samples_per_epoch
         keys: list[str] = []
         while len(keys) < 2 * n:
@@ -206,8 +206,8 @@ def test_index_files_are_used_only_when_every_shard_has_one(tmp_path: Path) -> N
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_views_match_the_cpu_pipeline_in_shape_and_statistics(demo_shards: dict[str, Path]) -> None:
     shards, views = list_shards(str(demo_shards["val"])), moco_views("v3", 24)
-    gpu = DaliTwoViewLoader(shards, views, 32, 0, 1, device_id=0, num_threads=2, channels_last=True)
-    cpu = DaliTwoViewLoader(shards, views, 32, 0, 1, num_threads=2)
+    gpu = DaliTwoViewLoader(StreamSpec(shards, views, 32), device_id=0, num_threads=2, channels_last=True)
+    cpu = DaliTwoViewLoader(StreamSpec(shards, views, 32), num_threads=2)
     (view1, view2, labels), (cpu1, _, _) = next(gpu), next(cpu)
     assert view1.device.type == view2.device.type == "cuda" and labels.dtype == torch.int64
     assert view1.shape == (32, 3, 24, 24) and view1.is_contiguous(memory_format=torch.channels_last)

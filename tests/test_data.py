@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from moco_scale.data.augment import moco_views
-from moco_scale.data.shards import DataError, count_samples, list_shards, write_shards
+from moco_scale.data.shards import DataError, StreamSpec, count_samples, list_shards, write_shards
 from moco_scale.data.torch_loader import TwoViewStream, split_epoch, two_view_loader
 
 
@@ -67,13 +67,7 @@ def test_list_shards_errors(tmp_path: Path) -> None:
 def test_two_views_differ_and_have_the_configured_shape(demo_shards: dict[str, Path]) -> None:
     torch.manual_seed(0)
     loader = two_view_loader(
-        list_shards(str(demo_shards["val"])),
-        moco_views("v2", 24),
-        batch_size=8,
-        rank=0,
-        world_size=1,
-        workers=0,
-        shuffle_buffer=16,
+        StreamSpec(list_shards(str(demo_shards["val"])), moco_views("v2", 24), 8, shuffle_buffer=16)
     )
     view1, view2, labels = next(loader)
     assert view1.shape == view2.shape == (8, 3, 24, 24) and view1.dtype == torch.float32
@@ -118,14 +112,12 @@ def _batches(loader, n: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_reported_position_gives_the_same_batches(demo_shards: dict[str, Path], workers: int) -> None:
     shards = list_shards(str(demo_shards["val"]))
-    kwargs = dict(
-        views=moco_views("v2", 16), batch_size=8, rank=1, world_size=2, workers=workers, seed=5, shuffle_buffer=20
-    )
-    loader = two_view_loader(shards, **kwargs)
+    stream = StreamSpec(shards, moco_views("v2", 16), 8, rank=1, world_size=2, seed=5, shuffle_buffer=20)
+    loader = two_view_loader(stream, workers)
     uninterrupted = _batches(loader, 7)
     state = loader.state_dict()
     uninterrupted += _batches(loader, 5)  # crosses the 150-sample epoch boundary
-    resumed = _batches(two_view_loader(shards, state=state, **kwargs), 5)
+    resumed = _batches(two_view_loader(stream, workers, state=state), 5)
     for a, b in zip(uninterrupted[7:], resumed, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(uninterrupted[7], uninterrupted[8])
@@ -134,7 +126,7 @@ def test_resume_from_reported_position_gives_the_same_batches(demo_shards: dict[
 def test_too_few_samples_for_the_readers(demo_shards: dict[str, Path], tmp_path: Path) -> None:
     write_shards(_demo_samples(demo_shards, 3), tmp_path)
     with pytest.raises(DataError, match="3 samples cannot feed 2 ranks x 2 loader workers"):
-        two_view_loader(list_shards(str(tmp_path)), moco_views("v2", 16), 1, 0, 2, workers=2)
+        two_view_loader(StreamSpec(list_shards(str(tmp_path)), moco_views("v2", 16), 1, world_size=2), workers=2)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -154,13 +146,13 @@ def test_corrupt_images_are_skipped_counted_and_resume_stays_exact(
     content = json.loads(manifest.read_text())
     content["shards"] = [{"name": e["name"], "samples": e["samples"]} for e in content["shards"]]
     manifest.write_text(json.dumps(content))
-    kwargs = dict(views=moco_views("v2", 16), batch_size=4, rank=0, world_size=1, workers=workers, shuffle_buffer=4)
-    loader = two_view_loader(shards, **kwargs)
+    stream = StreamSpec(shards, moco_views("v2", 16), 4, shuffle_buffer=4)
+    loader = two_view_loader(stream, workers)
     seen = _batches(loader, 9)
     state = loader.state_dict()
     seen += _batches(loader, 3)  # several epochs of the ~30 readable samples
     assert loader.bad_samples >= 3 + 9  # a full epoch: the 3 bad JPEGs, and the 9 places the cut tar lost
-    resumed = _batches(two_view_loader(shards, state=state, **kwargs), 3)
+    resumed = _batches(two_view_loader(stream, workers, state=state), 3)
     for a, b in zip(seen[9:], resumed, strict=True):
         assert torch.equal(a, b)
 

@@ -28,6 +28,7 @@ from moco_scale.data.labelled import eval_loader, train_loader
 from moco_scale.data.make_shards import main as make_shards
 from moco_scale.data.shards import (
     DataError,
+    StreamSpec,
     checked_with,
     count_samples,
     list_shards,
@@ -188,7 +189,7 @@ def test_every_loader_skips_and_counts_every_image_pil_cannot_decode(
     each with 2 workers: nothing raises, and the bad samples are exactly those the reference decode fails on."""
     shards, reference = fuzzed
     failed = sum(error is not None for error, _ in reference)
-    two_view = two_view_loader(shards, moco_views("v2", 16), 1, 0, 1, workers=2, seed=1, shuffle_buffer=50)
+    two_view = two_view_loader(StreamSpec(shards, moco_views("v2", 16), 1, seed=1, shuffle_buffer=50), workers=2)
     assert _bad_in_first_epoch(two_view, 2) == failed
     probe = train_loader(shards, 16, 1, 0, 1, workers=2, seed=1, shuffle_buffer=50)
     assert _bad_in_first_epoch(probe, 2) == failed
@@ -210,7 +211,7 @@ def _signal_workers(workers: list) -> None:
 def test_loader_workers_outlive_the_signals_a_job_gets(demo_shards: dict[str, Path]) -> None:
     shards = list_shards(str(demo_shards["val"]))
     for batches in (
-        two_view_loader(shards, moco_views("v2", 16), 4, 0, 1, workers=2, shuffle_buffer=8),
+        two_view_loader(StreamSpec(shards, moco_views("v2", 16), 4, shuffle_buffer=8), workers=2),
         train_loader(shards, 16, 4, 0, 1, workers=2, shuffle_buffer=8),
     ):
         next(batches), next(batches)  # one batch from each worker: both have started
@@ -237,7 +238,7 @@ def test_a_shard_changed_after_indexing_is_a_one_line_error_before_anything_star
         rf"^{re.escape(str(cut))} is 4096 bytes, but manifest.json recorded \d+: it changed after it was indexed; "
         rf"re-index the folder: python -m moco_scale.data.make_shards --index-only {re.escape(str(folder))} --check$"
     )
-    for read in (count_samples, checked_with, lambda s: two_view_loader(s, moco_views("v2", 16), 4, 0, 1, 0)):
+    for read in (count_samples, checked_with, lambda s: two_view_loader(StreamSpec(s, moco_views("v2", 16), 4))):
         with pytest.raises(DataError, match=message):
             read(shards)
     with pytest.raises(SystemExit) as exit_info:
@@ -279,7 +280,6 @@ def test_the_shard_check_leaves_out_the_bomb_png_and_dali_streams_the_rest(
         pytest.skip("DALI is not installed: only PIL checks")
     from moco_scale.data.loader import two_view_batches
 
-    dali = two_view_batches(
-        "dali", [str(tmp_path / "0.tar")], moco_views("v2", 16), 4, 0, 1, 1, 0, 4, torch.device("cpu")
-    )
+    stream = StreamSpec([str(tmp_path / "0.tar")], moco_views("v2", 16), 4, shuffle_buffer=4)
+    dali = two_view_batches("dali", stream, workers=1, device=torch.device("cpu"))
     assert torch.cat([next(dali)[2] for _ in range(6)]).tolist() == [1] * 24 and dali.bad_samples == 1

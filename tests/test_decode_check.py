@@ -19,7 +19,7 @@ from moco_scale.data import loader
 from moco_scale.data.augment import moco_views
 from moco_scale.data.decode_check import CHUNK, decode_errors, decoders
 from moco_scale.data.make_shards import main
-from moco_scale.data.shards import DataError, checked_with, list_shards, write_shards
+from moco_scale.data.shards import DataError, StreamSpec, checked_with, list_shards, write_shards
 from moco_scale.data.torch_loader import TwoViewStream, two_view_loader
 
 
@@ -162,7 +162,9 @@ def test_check_indexes_only_what_decodes_and_both_loaders_skip_the_rest(
     assert first.with_suffix(".idx").read_text().startswith("v1.2 17\n")
 
     views = moco_views("v2", 16)
-    dali = loader.two_view_batches("dali", shards, views, 8, 0, 1, 1, 0, 16, torch.device("cpu"))
+    dali = loader.two_view_batches(
+        "dali", StreamSpec(shards, views, 8, shuffle_buffer=16), workers=1, device=torch.device("cpu")
+    )
     for _ in range(12):  # three epochs of the 32 good samples: no decode error stops the pipeline
         view1, view2, labels = next(dali)
         assert view2.shape == view1.shape
@@ -171,7 +173,7 @@ def test_check_indexes_only_what_decodes_and_both_loaders_skip_the_rest(
     stream = TwoViewStream(shards, views, 0, 1, shuffle_buffer=1)
     first_epoch = [sample["__key__"] for epoch, _, sample in _take(stream.raw_stream(), 33) if epoch == 0]
     assert sorted(first_epoch) == sorted(good)
-    batches = two_view_loader(shards, views, 8, 0, 1, workers=0, shuffle_buffer=4)
+    batches = two_view_loader(StreamSpec(shards, views, 8, shuffle_buffer=4))
     next(batches)
     assert batches.bad_samples == len(bad)  # left out by the check; nothing else fails to decode
 
@@ -243,9 +245,11 @@ def test_a_shard_with_nothing_that_decodes_stays_listed_and_is_passed_over(
     assert main(["--index-only", str(tmp_path), "--no-progress"]) == 0  # a plain re-index passes over 0.tar too
     shards = list_shards(str(tmp_path))
     assert checked_with(shards) == {"pil", "dali"} and not (tmp_path / "0.idx").exists()
-    dali = loader.two_view_batches("dali", shards, moco_views("v2", 16), 4, 0, 1, 1, 0, 4, torch.device("cpu"))
+    dali = loader.two_view_batches(
+        "dali", StreamSpec(shards, moco_views("v2", 16), 4, shuffle_buffer=4), workers=1, device=torch.device("cpu")
+    )
     assert dali.samples_per_epoch == 8 and dali.bad_samples == 2
     labels = torch.cat([next(dali)[2] for _ in range(4)])
     assert labels.tolist() == [3] * 16
-    torch_batches = two_view_loader(shards, moco_views("v2", 16), 4, 0, 1, workers=0, shuffle_buffer=4)
+    torch_batches = two_view_loader(StreamSpec(shards, moco_views("v2", 16), 4, shuffle_buffer=4))
     assert torch.cat([next(torch_batches)[2] for _ in range(4)]).tolist() == [3] * 16

@@ -20,7 +20,7 @@ from PIL import Image
 from benchmarks.reference_data import pil_view_transform
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, PRESETS, Augmentation, ViewSpec
 from moco_scale.data.dali import DaliTwoViewLoader, dali_available
-from moco_scale.data.shards import list_shards, write_shards
+from moco_scale.data.shards import StreamSpec, list_shards, write_shards
 from moco_scale.data.torch_loader import two_view_loader
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI")
@@ -49,11 +49,8 @@ def _draw(loader: str, image: np.ndarray, spec: ViewSpec, folder: Path, copies: 
     shard_dir = folder / "shards"
     if not shard_dir.exists():
         write_shards(((f"s{i:04d}", _png(image), 0) for i in range(copies)), shard_dir, samples_per_shard=copies)
-    shards = list_shards(str(shard_dir))
-    if loader == "dali":
-        batches = DaliTwoViewLoader(shards, (spec, spec), BATCH, 0, 1, seed=1, num_threads=2, shuffle_buffer=1)
-    else:
-        batches = two_view_loader(shards, (spec, spec), BATCH, 0, 1, workers=0, seed=1, shuffle_buffer=1)
+    stream = StreamSpec(list_shards(str(shard_dir)), (spec, spec), BATCH, seed=1, shuffle_buffer=1)
+    batches = DaliTwoViewLoader(stream, num_threads=2) if loader == "dali" else two_view_loader(stream)
     views = []
     while sum(len(v) for v in views) < DRAWS:
         view1, view2, _ = next(batches)

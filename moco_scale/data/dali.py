@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
-from moco_scale.data.shards import IMAGE_EXTENSIONS, excluded_samples, usable_shards
+from moco_scale.data.shards import IMAGE_EXTENSIONS, StreamSpec, excluded_samples, usable_shards
 
 if TYPE_CHECKING:
     from nvidia.dali.data_node import DataNode
@@ -114,17 +114,12 @@ def _augment(image: DataNode, spec: ViewSpec, dtype: DALIDataType, layout: str) 
 
 
 def build_two_view_pipeline(
-    shards: list[str],
-    views: tuple[ViewSpec, ViewSpec],
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
+    stream: StreamSpec,
+    *,
     device_id: int | None,
     num_threads: int,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
-    shuffle_buffer: int = 1000,
     checkpoint: str | None = None,
 ) -> Pipeline:
     """A DALI pipeline of ``(view1, view2, cls)`` batches for this rank; ``cls`` holds the raw text bytes.
@@ -134,7 +129,13 @@ def build_two_view_pipeline(
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    shards = usable_shards(shards)
+    shards, views, rank, world_size, seed = (
+        usable_shards(stream.shards),
+        stream.views,
+        stream.rank,
+        stream.world_size,
+        stream.seed,
+    )
     out_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
     layout = "HWC" if channels_last else "CHW"
 
@@ -148,7 +149,7 @@ def build_two_view_pipeline(
             shard_id=rank,
             num_shards=world_size,
             random_shuffle=True,
-            initial_fill=shuffle_buffer,
+            initial_fill=stream.shuffle_buffer,
             shuffle_after_epoch=True,
             shuffle_after_epoch_seed=seed,
             name=READER,
@@ -157,7 +158,7 @@ def build_two_view_pipeline(
         return _augment(image, views[0], out_dtype, layout), _augment(image, views[1], out_dtype, layout), cls
 
     return two_views(
-        batch_size=batch_size,
+        batch_size=stream.batch_size,
         num_threads=num_threads,
         device_id=device_id,
         seed=seed * world_size + rank,
@@ -183,41 +184,31 @@ class DaliTwoViewLoader:
 
     def __init__(
         self,
-        shards: list[str],
-        views: tuple[ViewSpec, ViewSpec],
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int = 0,
+        stream: StreamSpec,
+        *,
         device_id: int | None = None,
         num_threads: int = 4,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
-        shuffle_buffer: int = 1000,
         state: dict | None = None,
     ):
         state = state or {}
         self.pipe = build_two_view_pipeline(
-            shards,
-            views,
-            batch_size,
-            rank,
-            world_size,
-            seed,
-            device_id,
-            num_threads,
-            dtype,
-            channels_last,
-            shuffle_buffer,
-            state.get("dali"),
+            stream,
+            device_id=device_id,
+            num_threads=num_threads,
+            dtype=dtype,
+            channels_last=channels_last,
+            checkpoint=state.get("dali"),
         )
         self.pipe.build()
         self.epoch_samples = total = self.pipe.reader_meta(READER)["epoch_size"]
+        rank, world_size = stream.rank, stream.world_size
         self.samples_per_epoch = total * (rank + 1) // world_size - total * rank // world_size
         self.samples = state.get("samples", 0)  # consumed by all ranks together
-        self.global_batch = batch_size * world_size
+        self.global_batch = stream.batch_size * world_size
         self.decode_failures = state.get("bad_samples", 0)  # counted by the torch loader before a switch
-        self.bad_samples = sum(map(len, excluded_samples(shards).values())) + self.decode_failures
+        self.bad_samples = sum(map(len, excluded_samples(stream.shards).values())) + self.decode_failures
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.dtype, self.channels_last = dtype, channels_last
 

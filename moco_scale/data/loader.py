@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from moco_scale.data.augment import ViewSpec
 from moco_scale.data.dali import DaliTwoViewLoader, dali_available
-from moco_scale.data.shards import DataError, checked_with
+from moco_scale.data.shards import DataError, StreamSpec, checked_with
 from moco_scale.data.torch_loader import two_view_loader
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -63,14 +62,9 @@ def resolve_backend(backend: str, shards: list[str]) -> str:
 
 def two_view_batches(
     backend: str,
-    shards: list[str],
-    views: tuple[ViewSpec, ViewSpec],
-    batch_size: int,
-    rank: int,
-    world_size: int,
+    stream: StreamSpec,
+    *,
     workers: int,
-    seed: int,
-    shuffle_buffer: int,
     device: torch.device,
     channels_last: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -84,34 +78,16 @@ def two_view_batches(
     ``state_dict()`` passed back as ``state`` continues the stream exactly where it was under the same
     layout (see :func:`remap_state`), and restarts at its global sample count under another.
     """
-    if resolve_backend(backend, shards) == "dali":
+    if resolve_backend(backend, stream.shards) == "dali":
         return DaliTwoViewLoader(
-            shards,
-            views,
-            batch_size,
-            rank,
-            world_size,
-            seed=seed,
+            stream,
             device_id=device.index if device.type == "cuda" else None,
             num_threads=max(1, workers),
             dtype=dtype,
             channels_last=channels_last,
-            shuffle_buffer=shuffle_buffer,
             state=state,
         )
-    return two_view_loader(
-        shards,
-        views,
-        batch_size,
-        rank,
-        world_size,
-        workers,
-        seed,
-        shuffle_buffer,
-        pin_memory=device.type == "cuda",
-        state=state,
-        dtype=dtype,
-    )
+    return two_view_loader(stream, workers, pin_memory=device.type == "cuda", state=state, dtype=dtype)
 
 
 def remap_state(state: dict | None, saved: LoaderLayout | int, current: LoaderLayout | int) -> dict | None:

@@ -9,11 +9,29 @@ import json
 import os
 import tarfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moco_scale.data.augment import ViewSpec
 
 INDEX_VERSION = "v1.2"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # a sample's image member: first found
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one rank's stream of two-view batches reads, and in which order: the shards, the two views, the
+    batch per rank, this rank among ``world_size``, the shuffle's seed and buffer. Both loaders take it."""
+
+    shards: list[str]
+    views: tuple[ViewSpec, ViewSpec]
+    batch_size: int  # per rank
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle_buffer: int = 1000
 
 
 class DataError(ValueError):

@@ -40,7 +40,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, blur_window
-from moco_scale.data.shards import IMAGE_EXTENSIONS, DataError, excluded_samples, shard_sizes
+from moco_scale.data.shards import IMAGE_EXTENSIONS, DataError, StreamSpec, excluded_samples, shard_sizes
 
 
 class SigmaGaussianBlur(torch.nn.Module):
@@ -356,28 +356,25 @@ def resume_positions(
 
 
 def two_view_loader(
-    shards: list[str],
-    views: tuple[ViewSpec, ViewSpec],
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    workers: int,
-    seed: int = 0,
-    shuffle_buffer: int = 1000,
+    stream: StreamSpec,
+    workers: int = 0,
+    *,
     pin_memory: bool = False,
     state: dict | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> StreamBatches:
-    """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``; ``state`` (a
-    ``state_dict()``) resumes (see :func:`resume_positions`)."""
-    readers = max(1, workers)
-    stream = TwoViewStream(shards, views, rank, world_size, seed, shuffle_buffer, dtype)
-    per_reader = stream.places_per_reader(readers)
+    """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``, made by ``workers``
+    DataLoader processes (0: in this one); ``state`` (a ``state_dict()``) resumes (see :func:`resume_positions`)."""
+    readers, batch_size, world_size = max(1, workers), stream.batch_size, stream.world_size
+    views = TwoViewStream(
+        stream.shards, stream.views, stream.rank, world_size, stream.seed, stream.shuffle_buffer, dtype
+    )
+    per_reader = views.places_per_reader(readers)
     positions, batches, bad_before = resume_positions(state, readers, per_reader, batch_size, world_size)
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
-    stream.start, stream.worker_offset = positions, batches % readers
-    loader = stream_loader(stream, stream.total, batch_size, world_size, workers, pin_memory)
-    left_out = sum(map(len, stream.excluded.values()))
+    views.start, views.worker_offset = positions, batches % readers
+    loader = stream_loader(views, views.total, batch_size, world_size, workers, pin_memory)
+    left_out = sum(map(len, views.excluded.values()))
     return StreamBatches(loader, positions, batches, per_reader, world_size, left_out, bad_before)
 
 
