@@ -175,6 +175,7 @@ def reference_worker(rank: int, port: int, cfg: Config, loader: str, image_folde
 
 
 def run_reference(cfg: Config, loader: str, image_folder: Path, out_path: Path) -> dict[str, Any]:
+    out_path.parent.mkdir(parents=True, exist_ok=True)  # the first arm of a seed may be a reference
     mp.spawn(reference_worker, args=(free_port(), cfg, loader, str(image_folder), str(out_path)), nprocs=WORLD)
     result = json.loads(out_path.read_text())
     return {name: {int(step): value for step, value in curve.items()} for name, curve in result.items()}
