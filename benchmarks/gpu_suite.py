@@ -5,11 +5,11 @@
     python benchmarks/gpu_suite.py --smoke --json /tmp/gpu_suite.json   # the dry run in CI: 1 round, OOM simulated
 
 One process, one device, synthetic views already on it (no data loader). The model is built as
-``launchers/pretrain.py: build_engine`` builds it for ``configs/mocov2_r50.yaml`` on one rank: MoCo
+``moco_scale.train.build_engine`` builds it for ``configs/mocov2_r50.yaml`` on one rank: MoCo
 v2 (dim 128, MLP head, K = 65536, T = 0.2, m = 0.999), shuffle-BN as ``SplitBatchNorm`` with 8 groups,
 channels_last on CUDA, the momentum update captured in a CUDA graph, SGD from ``build_optimizer``
-(lr 0.03 x batch / 256), bf16 autocast. The launcher itself is not imported: it needs the data stack
-(webdataset, fire), which the GPU machine lacks.
+(lr 0.03 x batch / 256), bf16 autocast. ``moco_scale.train`` itself is not imported: it needs the data
+stack (webdataset, fire), which the GPU machine lacks.
 
 Phases (the JSON is rewritten after each, so a time-out keeps what was measured):
 

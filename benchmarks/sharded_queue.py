@@ -6,7 +6,7 @@ On 2 gloo ranks (one torch thread each) it times one MoCo queue step per rank, w
 encoders: the InfoNCE loss of B normalised queries against their keys and the K queued keys,
 its backward to the queries, and the enqueue of the keys.
 
-- ``replicated``: :class:`KeyQueue`, every rank holds all K keys; the loss as moco.py computes it.
+- ``replicated``: :class:`KeyQueue`, every rank holds all K keys; the loss as ``KeyQueue.info_nce`` computes it.
 - ``sharded``: :class:`ShardedKeyQueue`, every rank holds K / 2 keys; the queries are gathered and
   the softmax denominator is a distributed logsumexp (``ShardedKeyQueue.info_nce``).
 
@@ -35,7 +35,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from moco_scale.distributed.comm import free_port, join_local_gloo, shutdown_distributed
-from moco_scale.moco.loss import info_nce
 from moco_scale.moco.queue import KeyQueue, ShardedKeyQueue
 
 try:
@@ -72,10 +71,8 @@ def resident_mib() -> float:
 
 
 def replicated_step(queue: KeyQueue, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """moco.py's v1/v2 loss with the replicated queue, then the enqueue."""
-    positive = (q * k).sum(dim=1, keepdim=True)
-    logits = torch.cat([positive, q @ queue.keys.clone().T], dim=1) / TEMPERATURE
-    loss, _ = info_nce(logits, torch.zeros(q.shape[0], dtype=torch.long))
+    """The v1/v2 loss with the replicated queue, then the enqueue."""
+    loss, _ = queue.info_nce(q, k, TEMPERATURE)
     queue.enqueue(k)
     return loss
 
