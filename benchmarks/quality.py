@@ -61,6 +61,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "divergent": {
         "data.image_size": 64,
         "data.augmentation": "v2",
+        "aug.crop_scale": (0.2, 1.0),  # the v2 recipe whole: configs/demo.yaml's own aug settings come after the preset
+        "aug.blur_p": 0.5,
         "model.arch": "resnet18",
         "moco.queue_size": 256,
         "moco.temperature": 0.1,
