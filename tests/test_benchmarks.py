@@ -48,3 +48,18 @@ def test_benchmark_smoke(tmp_path: Path, script: str, key: str) -> None:
     value = json.loads(out.read_text())[key]
     assert isinstance(value, float) and value > 0
     assert "|" in result.stdout  # the printed table
+
+
+def test_the_divergent_quality_protocol_is_the_v2_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13's protocol: the v2 paper's views at 64 px, whatever configs/demo.yaml sets for its own demo."""
+    from moco_scale.config import load_config
+    from moco_scale.data.augment import moco_views
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from quality import PROTOCOLS, protocol_flags
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", protocol_flags("divergent", 0, 0))
+    assert cfg.aug.views(cfg.data.image_size) == moco_views("v2", 64)
+    assert (cfg.moco.queue_size, cfg.moco.temperature, cfg.moco.momentum, cfg.train.batch_size) == (256, 0.1, 0.99, 64)
+    assert cfg.optim.base_lr * 128 / 256 == 0.06 and cfg.optim.warmup_steps == 0 and cfg.train.max_steps == 600
+    assert load_config(ROOT / "configs" / "demo.yaml", PROTOCOLS["demo"]) == load_config(ROOT / "configs" / "demo.yaml")
