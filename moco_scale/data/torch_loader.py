@@ -366,15 +366,15 @@ def two_view_loader(
     """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``, made by ``workers``
     DataLoader processes (0: in this one); ``state`` (a ``state_dict()``) resumes (see :func:`resume_positions`)."""
     readers, batch_size, world_size = max(1, workers), stream.batch_size, stream.world_size
-    views = TwoViewStream(
+    dataset = TwoViewStream(
         stream.shards, stream.views, stream.rank, world_size, stream.seed, stream.shuffle_buffer, dtype
     )
-    per_reader = views.places_per_reader(readers)
+    per_reader = dataset.places_per_reader(readers)
     positions, batches, bad_before = resume_positions(state, readers, per_reader, batch_size, world_size)
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
-    views.start, views.worker_offset = positions, batches % readers
-    loader = stream_loader(views, views.total, batch_size, world_size, workers, pin_memory)
-    left_out = sum(map(len, views.excluded.values()))
+    dataset.start, dataset.worker_offset = positions, batches % readers
+    loader = stream_loader(dataset, dataset.total, batch_size, world_size, workers, pin_memory)
+    left_out = sum(map(len, dataset.excluded.values()))
     return StreamBatches(loader, positions, batches, per_reader, world_size, left_out, bad_before)
 
 
