@@ -22,6 +22,7 @@ over seeds of the last losses, the final instance accuracy and the final kNN top
 the loss and instance-accuracy curves (mean over seeds) per protocol.
 
     python benchmarks/quality.py --seeds 0 1 2 --json quality.json --plot quality.png
+    python benchmarks/quality.py ... --resume quality.json.partial   # keeps the arms that finished
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=0, help="0: the protocol's train.max_steps")
     parser.add_argument("--json", default="")
     parser.add_argument("--plot", default="", help="PNG of the loss and instance-accuracy curves")
+    parser.add_argument("--resume", default="", help="an earlier --json (or .partial): its runs are kept")
     parser.add_argument("--smoke", action="store_true", help="one seed, the demo protocol, a few steps")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -200,6 +202,20 @@ def one_line(run: dict[str, Any]) -> str:
     )
 
 
+def earlier_runs(path: str) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The finished runs in an earlier ``--json`` (or its ``.partial``), by (protocol, arm, seed)."""
+    if not path:
+        return {}
+    earlier = json.loads(Path(path).read_text())
+    found = {}
+    for protocol, arms in earlier["curves"].items():
+        for arm, seeds in arms.items():
+            for seed, run in zip(earlier["seeds"], seeds, strict=False):  # each arm ran its seeds in order
+                curves = {name: {int(step): value for step, value in curve.items()} for name, curve in run.items()}
+                found[protocol, arm, seed] = curves
+    return found
+
+
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean, and (max - min) over the seeds (0 for one seed)."""
     return statistics.fmean(values), max(values) - min(values)
@@ -243,14 +259,17 @@ def plot(runs: dict[str, dict[str, list[dict[str, Any]]]], path: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {arm: [] for arm in args.arms} for p in args.protocols}
+    done = earlier_runs(args.resume)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         image_folder = unpack_to_image_folder(list_shards(str(ensure_demo_shards()["train"])), work / "image_folder")
         for protocol in args.protocols:
             for seed in args.seeds:
                 for arm in args.arms:
-                    flags = protocol_flags(protocol, seed, args.steps)
-                    run = run_arm(arm, flags, work / f"{protocol}-{seed}", image_folder)
+                    run = done.get((protocol, arm, seed))
+                    if run is None:
+                        flags = protocol_flags(protocol, seed, args.steps)
+                        run = run_arm(arm, flags, work / f"{protocol}-{seed}", image_folder)
                     runs[protocol][arm].append(run)
                     print(f"{protocol}, seed {seed}, {arm}: {one_line(run)}", flush=True)
                     if args.json:  # what has finished so far, should the rest not

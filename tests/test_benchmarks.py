@@ -63,3 +63,31 @@ def test_the_divergent_quality_protocol_is_the_v2_recipe(monkeypatch: pytest.Mon
     assert (cfg.moco.queue_size, cfg.moco.temperature, cfg.moco.momentum, cfg.train.batch_size) == (256, 0.1, 0.99, 64)
     assert cfg.optim.base_lr * 128 / 256 == 0.06 and cfg.optim.warmup_steps == 0 and cfg.train.max_steps == 600
     assert load_config(ROOT / "configs" / "demo.yaml", PROTOCOLS["demo"]) == load_config(ROOT / "configs" / "demo.yaml")
+
+
+def test_quality_resume_keeps_finished_runs_and_runs_only_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--resume`` takes an earlier partial JSON's runs as they are and trains only the missing ones."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import quality
+
+    def fake_run(loss: float) -> dict[str, dict[int, float]]:
+        return {"loss": {10: loss + 1, 20: loss}, "inst_acc": {10: 0.1, 20: 0.2}, "knn_top1": {0: 70.0, 20: 80.0}}
+
+    earlier = tmp_path / "earlier.json.partial"
+    curves = {"divergent": {"ref-pil": [fake_run(5.0)], "ours-dali": []}}
+    earlier.write_text(json.dumps({"seeds": [0, 1], "curves": curves}))  # string step keys, as JSON has them
+    trained: list[tuple[str, int]] = []
+
+    def run_arm(arm: str, flags: dict, work: Path, image_folder: Path) -> dict:
+        trained.append((arm, flags["train.seed"]))
+        return fake_run(3.0)
+
+    monkeypatch.setattr(quality, "run_arm", run_arm)
+    monkeypatch.setattr(quality, "unpack_to_image_folder", lambda shards, root: root)
+    argv = ["--seeds", "0", "--protocols", "divergent", "--arms", "ref-pil", "ours-dali"]
+    payload = quality.main([*argv, "--resume", str(earlier), "--json", str(tmp_path / "out.json")])
+    assert trained == [("ours-dali", 0)]
+    assert payload["summary"]["divergent"]["ref-pil"]["last_loss"] == pytest.approx(5.5)  # mean of the last losses
+    assert payload["summary"]["divergent"]["ours-dali"]["last_loss"] == pytest.approx(3.5)
