@@ -134,16 +134,8 @@ def reference_worker(rank: int, port: int, cfg: Config, loader: str, image_folde
     model = ReferenceMoCo(cfg.model.arch, m.dim, m.version == "v2", m.queue_size, m.momentum, m.temperature)
     trainer = ReferenceTrainer(model, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
     demo = ensure_demo_shards()
-    monitor = KnnMonitor(
-        list_shards(str(demo["train"])),
-        list_shards(str(demo["val"])),
-        cfg.data.image_size,
-        cfg.eval.batch_size,
-        rank,
-        WORLD,
-        k=cfg.eval.knn_k,
-        temperature=cfg.eval.knn_temperature,
-    )
+    train, val = list_shards(str(demo["train"])), list_shards(str(demo["val"]))
+    monitor = KnnMonitor(train, val, cfg.data.image_size, cfg.eval, rank, WORLD)
 
     def knn() -> float:
         backbone = copy.deepcopy(model.encoder_q)

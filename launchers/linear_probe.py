@@ -1,8 +1,10 @@
 """Linear probe of a frozen backbone (``moco_scale.eval.probe``).
 
-    python launchers/linear_probe.py --init=runs/demo --progress=false
-    torchrun --nproc_per_node 2 launchers/linear_probe.py --init=backbone.pt --arch=resnet50 \\
-        --train_data=/data/train-shards --val_data=/data/val-shards --image_size=224 --batch_size=32
+    python launchers/linear_probe.py --probe.init=runs/demo --train.progress=false
+    torchrun --nproc_per_node 2 launchers/linear_probe.py --probe.init=backbone.pt --model.arch=resnet50 \\
+        --probe.train_path=/data/train-shards --probe.val_path=/data/val-shards --data.image_size=224
+
+The flags are pretraining's: ``--config`` and ``--section.field=value``; the probe's own are ``--probe.X``.
 """
 
 import fire

@@ -135,6 +135,27 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The linear probe (``launchers/linear_probe.py``), MoCo's linear evaluation on a frozen backbone. It takes
+    the backbone from ``model.*`` (a checkpoint's own settings, unless given), the crop from ``data.image_size``,
+    the loader from ``data.workers``, the seed from ``train.seed`` and the device from ``engine.device``."""
+
+    init: str = "random"  # a checkpoint, a run directory, an exported file (either layout), or random
+    train_path: str = ""  # labelled training shards ("": data.path)
+    val_path: str = ""  # labelled held-out shards ("": eval.val_path; for the demo, its held-out split)
+    num_classes: int = 0  # 0: from the shards' manifest
+    epochs: int = 100
+    max_steps: int = 0  # > 0 wins over epochs
+    batch_size: int = 32  # per rank
+    base_lr: float = 30.0  # per 256 images: lr = base_lr * global_batch / 256 (MoCo's linear evaluation)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+    run_dir: str = ""  # "": the checkpoint's run directory, else runs/linear_probe
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -145,6 +166,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,7 +193,7 @@ ARCHS = tuple(RESNET_SPECS)
 # unless named in checkpoint.allow_changes. (The world size may change too: the checkpoint is re-cut.)
 RESUMABLE_CHANGES = frozenset(
     {"train.run_dir", "train.log_every", "train.progress", "train.max_bad_steps", "engine.timeout_s"}
-    | {name for name in FIELDS if name.startswith(("checkpoint.", "eval."))}
+    | {name for name in FIELDS if name.startswith(("checkpoint.", "eval.", "probe."))}
 )
 
 
@@ -329,6 +351,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "eval.knn_k": cfg.eval.knn_k,
         "eval.knn_temperature": cfg.eval.knn_temperature,
         "train.max_bad_steps": t.max_bad_steps,
+        "probe.batch_size": cfg.probe.batch_size,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -347,6 +370,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "train.seed": t.seed,
         "data.seed": cfg.data.seed,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "probe.max_steps": cfg.probe.max_steps,
+        "probe.base_lr": cfg.probe.base_lr,
+        "probe.weight_decay": cfg.probe.weight_decay,
+        "probe.warmup_epochs": cfg.probe.warmup_epochs,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -354,6 +381,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     in_unit_interval = {
         "moco.momentum": m.momentum,
         "optim.momentum": o.momentum,
+        "probe.momentum": cfg.probe.momentum,
         "optim.betas[0]": o.betas[0],
         "optim.betas[1]": o.betas[1],
     }
@@ -390,6 +418,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("moco.shuffle_bn=shuffle is for v1/v2; MoCo v3 uses sync or none")
     if cfg.eval.every_steps and not cfg.eval.val_path and cfg.data.path != "demo":
         raise ConfigError("eval.every_steps is set but eval.val_path is empty: name the labelled held-out shards")
+    if cfg.probe.max_steps == 0 and cfg.probe.epochs < 1:
+        raise ConfigError(f"probe.epochs must be >= 1 (or set probe.max_steps), got {cfg.probe.epochs}")
+    if cfg.probe.num_classes == 1 or cfg.probe.num_classes < 0:
+        raise ConfigError(f"probe.num_classes must be >= 2 (0: from the manifest), got {cfg.probe.num_classes}")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     if world_size is not None:

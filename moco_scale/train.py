@@ -171,12 +171,10 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
             knn_bank,
             knn_val,
             cfg.data.image_size,
-            cfg.eval.batch_size,
+            cfg.eval,
             ctx.rank,
             ctx.world_size,
             workers=cfg.data.workers,
-            k=cfg.eval.knn_k,
-            temperature=cfg.eval.knn_temperature,
             pin_memory=ctx.device.type == "cuda",
         )
     saved_step = start_step

@@ -342,7 +342,9 @@ def test_a_planted_rank_file_runs_nothing_in_export_inspect_probe_and_resume(
     with pytest.raises(CheckpointError, match=re.escape(REFUSED)):  # what the linear probe's --init calls
         weights.load_backbone(run)
     with pytest.raises(SystemExit) as exit_info:
-        probe.main(init=str(ckpt), config=str(ROOT / "configs" / "demo.yaml"), run_dir=str(tmp_path / "probe"))
+        probe.main(
+            config=str(ROOT / "configs" / "demo.yaml"), **{"probe.init": str(ckpt), "probe.run_dir": str(tmp_path)}
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(REFUSED), err
     for resume in (str(ckpt), str(run)):

@@ -24,7 +24,7 @@ from PIL import Image
 from moco_scale import train
 from moco_scale.data.augment import moco_views
 from moco_scale.data.decode_check import decode_errors, decoders
-from moco_scale.data.labelled import eval_loader, train_loader
+from moco_scale.data.labelled import eval_loader, linear_eval_stream, train_loader
 from moco_scale.data.make_shards import main as make_shards
 from moco_scale.data.shards import (
     DataError,
@@ -191,7 +191,7 @@ def test_every_loader_skips_and_counts_every_image_pil_cannot_decode(
     failed = sum(error is not None for error, _ in reference)
     two_view = two_view_loader(StreamSpec(shards, moco_views("v2", 16), 1, seed=1, shuffle_buffer=50), workers=2)
     assert _bad_in_first_epoch(two_view, 2) == failed
-    probe = train_loader(shards, 16, 1, 0, 1, workers=2, seed=1, shuffle_buffer=50)
+    probe = train_loader(linear_eval_stream(shards, 16, 1, seed=1, shuffle_buffer=50), workers=2)
     assert _bad_in_first_epoch(probe, 2) == failed
     passes = eval_loader(shards, 16, 32, 0, 1, workers=2)
     labels = torch.cat([labels for _, labels in passes])
@@ -212,7 +212,7 @@ def test_loader_workers_outlive_the_signals_a_job_gets(demo_shards: dict[str, Pa
     shards = list_shards(str(demo_shards["val"]))
     for batches in (
         two_view_loader(StreamSpec(shards, moco_views("v2", 16), 4, shuffle_buffer=8), workers=2),
-        train_loader(shards, 16, 4, 0, 1, workers=2, shuffle_buffer=8),
+        train_loader(linear_eval_stream(shards, 16, 4, shuffle_buffer=8), workers=2),
     ):
         next(batches), next(batches)  # one batch from each worker: both have started
         _signal_workers(batches._batches._workers)

@@ -17,6 +17,7 @@ from dist_utils import run_ranks
 from PIL import Image
 from torch import nn
 
+from moco_scale.config import EvalConfig
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco_scale.data.labelled import eval_loader, num_classes_of
 from moco_scale.data.shards import list_shards, write_shards
@@ -52,12 +53,11 @@ def test_knn_matches_the_plain_reference(k: int, chunk: int, bank_chunk: int) ->
     bank_labels = torch.randint(0, 5, (97,), generator=generator)
     query_labels = torch.randint(0, 5, (41,), generator=generator)
     expected = reference_knn(bank, bank_labels, queries, k, 0.1)
-    predicted = knn_predict(bank, bank_labels, queries, 5, k, 0.1, chunk, bank_chunk)
+    predicted = knn_predict((bank, bank_labels), queries, 5, k=k, chunk=chunk, bank_chunk=bank_chunk)
     assert predicted.tolist() == expected
     expected_top1 = 100.0 * sum(p == y for p, y in zip(expected, query_labels.tolist(), strict=True)) / 41
-    assert knn_top1(bank, bank_labels, queries, query_labels, 5, k, 0.1, chunk, bank_chunk) == pytest.approx(
-        expected_top1
-    )
+    top1 = knn_top1((bank, bank_labels), (queries, query_labels), 5, k=k, chunk=chunk, bank_chunk=bank_chunk)
+    assert top1 == pytest.approx(expected_top1)
     assert 0 < expected_top1 < 100  # random labels: the comparison is not trivially all right or all wrong
 
 
@@ -74,7 +74,10 @@ def test_knn_votes_stay_finite_at_small_temperatures(temperature: float) -> None
     bank_labels, query_labels = torch.randint(0, 6, (300,), generator=generator), torch.randint(0, 6, (80,))
     bank, queries = _clustered(bank_labels, 16, 0.3, generator), _clustered(query_labels, 16, 0.3, generator)
     expected = reference_knn(bank, bank_labels, queries, 20, temperature)
-    assert knn_predict(bank, bank_labels, queries, 6, 20, temperature, chunk=32, bank_chunk=64).tolist() == expected
+    assert (
+        knn_predict((bank, bank_labels), queries, 6, k=20, temperature=temperature, chunk=32, bank_chunk=64).tolist()
+        == expected
+    )
     assert sum(p == y for p, y in zip(expected, query_labels.tolist(), strict=True)) > 0.6 * 80  # not chance
 
 
@@ -83,9 +86,9 @@ def test_separable_features_score_near_100_and_shuffled_labels_near_chance() -> 
     generator = torch.Generator().manual_seed(0)
     bank_labels, query_labels = torch.arange(1000) % 10, torch.randint(0, 10, (500,), generator=generator)
     bank, queries = _clustered(bank_labels, 32, 0.15, generator), _clustered(query_labels, 32, 0.15, generator)
-    assert knn_top1(bank, bank_labels, queries, query_labels, 10, chunk=64) >= 99.0
+    assert knn_top1((bank, bank_labels), (queries, query_labels), 10, chunk=64) >= 99.0
     shuffled = bank_labels[torch.randperm(1000, generator=generator)]
-    assert abs(knn_top1(bank, shuffled, queries, query_labels, 10, chunk=64) - 10.0) < 5.0
+    assert abs(knn_top1((bank, shuffled), (queries, query_labels), 10, chunk=64) - 10.0) < 5.0
 
 
 class PixelProjection(nn.Module):
@@ -119,13 +122,13 @@ def test_demo_monitor_separable_features_score_high_and_shuffled_labels_near_cha
     demo_shards: dict[str, Path], tmp_path: Path
 ) -> None:
     val = list_shards(str(demo_shards["val"]))
-    monitor = KnnMonitor(list_shards(str(demo_shards["train"])), val, 32, 256, rank=0, world_size=1)
+    monitor = KnnMonitor(list_shards(str(demo_shards["train"])), val, 32, EvalConfig(), rank=0, world_size=1)
     assert monitor(PixelProjection()) >= 85.0  # raw pixels: 90.0; a random-init ResNet-18: 76.0
     samples = _demo_samples(demo_shards["train"])
     labels = torch.tensor([label for _, _, label in samples])[torch.randperm(len(samples))].tolist()
     shuffled = [(key, jpeg, label) for (key, jpeg, _), label in zip(samples, labels, strict=True)]
     write_shards(shuffled, tmp_path, 500, class_names=[str(c) for c in range(10)])
-    shuffled_monitor = KnnMonitor(list_shards(str(tmp_path)), val, 32, 256, rank=0, world_size=1)
+    shuffled_monitor = KnnMonitor(list_shards(str(tmp_path)), val, 32, EvalConfig(), rank=0, world_size=1)
     assert abs(shuffled_monitor(PixelProjection()) - 10.0) < 7.0
 
 
@@ -195,7 +198,9 @@ def _sharded_bank_matches_the_reference(rank: int, synthetic: dict[str, torch.Te
     for split in (0, 37):  # rank 0 holds no bank rows; both hold fewer than k
         mine = slice(0, split) if rank == 0 else slice(split, len(bank))
         for k, chunk, bank_chunk in [(10, 7, 5), (50, 64, 1000), (1, 3, 2)]:
-            predicted = knn_predict(bank[mine], bank_labels[mine], queries, 4, k, 0.1, chunk, bank_chunk, True)
+            predicted = knn_predict(
+                (bank[mine], bank_labels[mine]), queries, 4, k=k, chunk=chunk, bank_chunk=bank_chunk, sharded_bank=True
+            )
             assert predicted.tolist() == reference_knn(bank, bank_labels, queries, k, 0.1), (rank, split, k)
 
 
@@ -215,7 +220,7 @@ def _two_ranks(
     torch.testing.assert_close(features, expected["features"], rtol=0, atol=1e-5)
     local, _ = extract_features(backbone, batches, torch.device("cpu"), gather=False)
     assert len(local) == 150
-    top1 = KnnMonitor(train, val, 32, 128, rank, world)(PixelProjection())
+    top1 = KnnMonitor(train, val, 32, EvalConfig(batch_size=128), rank, world)(PixelProjection())
     assert abs(top1 - expected["knn_top1"]) <= 100 / 300 + 1e-9  # at most one near-tie decided otherwise
     same = torch.tensor([top1, -top1])
     torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MAX)
@@ -234,7 +239,7 @@ def test_two_ranks_see_every_sample_once_and_agree_with_one_process(
     a rank with no sample at all still gathers the other's."""
     train, val = list_shards(str(demo_shards["train"])), list_shards(str(demo_shards["val"]))
     features, labels = extract_features(PixelProjection(), eval_loader(val, 32, 64, 0, 1), torch.device("cpu"))
-    knn = KnnMonitor(train, val, 32, 128, 0, 1)(PixelProjection())
+    knn = KnnMonitor(train, val, 32, EvalConfig(batch_size=128), 0, 1)(PixelProjection())
     expected = {"features": features, "labels": labels, "knn_top1": knn}
     generator = torch.Generator().manual_seed(1)
     synthetic = {

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from dist_utils import run_ranks
 from torch import nn
 
-from moco_scale.data.labelled import eval_loader, train_loader
+from moco_scale.config import ModelConfig
+from moco_scale.data.labelled import eval_loader, linear_eval_stream, train_loader
 from moco_scale.data.shards import list_shards
 from moco_scale.eval import probe
-from moco_scale.eval.linear import evaluate, frozen_backbone, linear_head, train_linear
+from moco_scale.eval.linear import LinearSchedule, evaluate, frozen_backbone, linear_head, train_linear
 from moco_scale.models import build_resnet
 from moco_scale.weights import WeightsError, load_backbone
 
@@ -47,7 +48,7 @@ def _endless(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> Iterato
 
 def _probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor) -> dict:
     head = linear_head(32, 10)
-    train_linear(nn.Identity(), head, _endless(train_x, train_y, 64, 0), 300, peak_lr=0.5, device=CPU)
+    train_linear(nn.Identity(), head, _endless(train_x, train_y, 64, 0), CPU, LinearSchedule(300, peak_lr=0.5))
     return evaluate(nn.Identity(), head, [(val_x[i : i + 100], val_y[i : i + 100]) for i in range(0, 500, 100)], CPU)
 
 
@@ -98,7 +99,7 @@ def _sgd_reference(x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> n
 def _two_rank_training(rank: int, world: int, x: torch.Tensor, y: torch.Tensor, expected: dict) -> None:
     half = slice(rank * 16, (rank + 1) * 16)  # each rank trains on its half of the same 32-row batch
     head = linear_head(32, 10)
-    train_linear(nn.Identity(), head, itertools.repeat((x[half], y[half])), 6, peak_lr=0.3, device=CPU)
+    train_linear(nn.Identity(), head, itertools.repeat((x[half], y[half])), CPU, LinearSchedule(6, peak_lr=0.3))
     for name, value in head.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
     scores = evaluate(nn.Identity(), head, [(x[half], y[half])], CPU)
@@ -111,7 +112,7 @@ def test_two_ranks_average_gradients_like_one_process_on_the_whole_batch() -> No
     x, y = _clusters(32, generator)
     expected = _sgd_reference(x, y, 6, 0.3).state_dict()
     single = linear_head(32, 10)
-    train_linear(nn.Identity(), single, itertools.repeat((x, y)), 6, peak_lr=0.3, device=CPU)
+    train_linear(nn.Identity(), single, itertools.repeat((x, y)), CPU, LinearSchedule(6, peak_lr=0.3))
     for name, value in single.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
     run_ranks(_two_rank_training, 2, x, y, expected)
@@ -141,27 +142,23 @@ def test_backbone_from_checkpoint_exported_file_and_fbmoco_layout(tmp_path: Path
     torch.save({"state_dict": fbmoco, "arch": "resnet18"}, tmp_path / "moco.pth.tar")
     for source in (run, run / "checkpoints", run / "checkpoints" / "step_00000002", "backbone.pt", "moco.pth.tar"):
         weights, config = load_backbone(tmp_path / source)
-        backbone = frozen_backbone("resnet18", 1, True, weights)
+        backbone = frozen_backbone(ModelConfig("resnet18", small_stem=True), weights)
         assert all(torch.equal(backbone.state_dict()[k], v) for k, v in state.items()), source
         assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
         assert config.get("model", {}).get("small_stem", True)
     with pytest.raises(WeightsError, match=r"do not fit resnet18 \(width 1, small_stem False\)"):
-        frozen_backbone("resnet18", 1, False, weights)  # the small stem's conv1 is 3x3
-    resolved = probe.resolve(str(run), None, {}, None, None, **_recipe())
-    assert (resolved.arch, resolved.small_stem, resolved.image_size, resolved.run_dir) == ("resnet18", True, 32, run)
-
-
-def _recipe(**changes: object) -> dict:
-    recipe = dict(epochs=1, max_steps=0, batch_size=8, lr=30.0, momentum=0.9, weight_decay=0.0)
-    recipe.update(schedule="cosine", warmup_epochs=0.0, seed=0, device="cpu", progress=False)
-    recipe.update(changes)
-    return recipe
+        frozen_backbone(ModelConfig("resnet18"), weights)  # the small stem's conv1 is 3x3
+    resolved = probe.resolve(None, {"probe.init": str(run)})
+    model, size = resolved.cfg.model, resolved.cfg.data.image_size
+    assert (model.arch, model.small_stem, size, resolved.run_dir) == ("resnet18", True, 32, run)  # the run's own
+    resolved = probe.resolve(None, {"probe.init": str(run), "data.image_size": 24, "probe.run_dir": "elsewhere"})
+    assert (resolved.cfg.data.image_size, resolved.run_dir) == (24, Path("elsewhere"))  # a flag wins over the run
 
 
 def test_training_view_is_augmented_and_seeded(demo_shards: dict[str, Path]) -> None:
     shards = list_shards(str(demo_shards["val"]))
-    first = next(train_loader(shards, 24, 16, rank=1, world_size=2, seed=4, shuffle_buffer=32))
-    again = next(train_loader(shards, 24, 16, rank=1, world_size=2, seed=4, shuffle_buffer=32))
+    first = next(train_loader(linear_eval_stream(shards, 24, 16, rank=1, world_size=2, seed=4, shuffle_buffer=32)))
+    again = next(train_loader(linear_eval_stream(shards, 24, 16, rank=1, world_size=2, seed=4, shuffle_buffer=32)))
     assert first[0].shape == (16, 3, 24, 24) and torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     plain, _ = next(iter(eval_loader(shards, 24, 16, 0, 1)))
     assert -3 < first[0].mean() < 3 and not torch.equal(first[0], plain)
@@ -171,18 +168,20 @@ def _bad_inputs(tmp: Path, demo_train: Path) -> list[tuple[dict, str]]:
     (tmp / "empty").mkdir(exist_ok=True)
     torch.save(build_resnet("resnet18").state_dict(), tmp / "r18.pt")
     return [
-        ({"init": str(tmp / "missing")}, r"'.*missing' does not exist"),
-        ({"init": str(tmp / "empty")}, r"'.*empty' holds no checkpoint"),
-        ({"init": str(tmp / "r18.pt"), "arch": "resnet50"}, r"the weights do not fit resnet50"),
-        ({"train_data": str(tmp / "nowhere")}, r"--train_data: '.*nowhere' does not exist"),
-        ({"train_data": str(tmp / "empty")}, r"--train_data: folder '.*empty' holds no .tar shards"),
-        ({"train_data": str(tmp / "empty" / "*.tar")}, r"--train_data: no .tar shards match"),
-        ({"val_data": str(tmp / "nowhere")}, r"--val_data: '.*nowhere' does not exist"),
-        ({"train_data": str(demo_train)}, r"--val_data is needed"),
-        ({"num_classes": 5}, r"--num_classes=5 but the shards' manifest lists 10 classes"),
-        ({"arch": "resnet5O"}, r"--arch: unknown arch 'resnet5O'"),
-        ({"batch_size": 0}, r"--batch_size: expected an integer >= 1, got 0"),
-        ({"schedule": "linear"}, r"--schedule: unknown schedule 'linear'"),
+        ({"probe.init": str(tmp / "missing")}, r"'.*missing' does not exist"),
+        ({"probe.init": str(tmp / "empty")}, r"'.*empty' holds no checkpoint"),
+        ({"probe.init": str(tmp / "r18.pt"), "model.arch": "resnet50"}, r"the weights do not fit resnet50"),
+        ({"probe.train_path": str(tmp / "nowhere")}, r"probe.train_path: '.*nowhere' does not exist"),
+        ({"probe.train_path": str(tmp / "empty")}, r"probe.train_path: folder '.*empty' holds no .tar shards"),
+        ({"probe.train_path": str(tmp / "empty" / "*.tar")}, r"probe.train_path: no .tar shards match"),
+        ({"probe.val_path": str(tmp / "nowhere")}, r"probe.val_path: '.*nowhere' does not exist"),
+        ({"probe.train_path": str(demo_train)}, r"probe.val_path is needed"),
+        ({"probe.num_classes": 5}, r"probe.num_classes=5 but the shards' manifest lists 10 classes"),
+        ({"model.arch": "resnet5O"}, r"model.arch: unknown arch 'resnet5O'"),
+        ({"probe.batch_size": 0}, r"probe.batch_size must be > 0, got 0"),
+        ({"probe.schedule": "linear"}, r"probe.schedule: 'linear' is not one of cosine, step, constant"),
+        ({"probe.epochs": 0}, r"probe.epochs must be >= 1"),
+        ({"probe.frobnicate": 1}, r"probe.frobnicate"),
         ({"config": str(tmp / "none.yaml")}, r"config file '.*none.yaml' does not exist"),
     ]
 
@@ -191,7 +190,7 @@ def test_bad_input_is_rejected_before_any_compute(
     tmp_path: Path, capsys: pytest.CaptureFixture, demo_shards: dict[str, Path]
 ) -> None:
     for flags, message in _bad_inputs(tmp_path, demo_shards["train"]):
-        arguments = {"config": str(DEMO), "run_dir": str(tmp_path / "run"), "progress": False, **flags}
+        arguments = {"config": str(DEMO), "probe.run_dir": str(tmp_path / "run"), "train.progress": False, **flags}
         with pytest.raises(SystemExit) as exit_info:
             probe.main(**arguments)
         err = capsys.readouterr().err
@@ -207,7 +206,7 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 
 def test_bad_input_exits_without_traceback(tmp_path: Path) -> None:
-    result = _run([sys.executable, str(LAUNCHER), f"--init={tmp_path / 'missing'}"], timeout=120)
+    result = _run([sys.executable, str(LAUNCHER), f"--probe.init={tmp_path / 'missing'}"], timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "missing" in result.stderr
 
@@ -216,7 +215,8 @@ def test_bad_input_exits_without_traceback(tmp_path: Path) -> None:
 def test_torchrun_two_ranks_random_init_on_the_demo(tmp_path: Path) -> None:
     run_dir = tmp_path / "probe"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(LAUNCHER)]
-    cmd += ["--init=random", f"--config={DEMO}", "--max_steps=6", "--progress=false", f"--run_dir={run_dir}"]
+    cmd += [f"--config={DEMO}", "--probe.init=random", "--probe.max_steps=6", "--train.progress=false"]
+    cmd += [f"--probe.run_dir={run_dir}"]
     result = _run(cmd, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("linear probe (resnet18, init random)")]

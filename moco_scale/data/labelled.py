@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, LINEAR_EVAL, ViewSpec
-from moco_scale.data.shards import DataError, excluded_samples, manifests_of, shard_sizes
+from moco_scale.data.shards import DataError, StreamSpec, excluded_samples, manifests_of, shard_sizes
 from moco_scale.data.torch_loader import (
     StreamBatches,
     TwoViewStream,
@@ -176,13 +176,14 @@ def eval_loader(
 
 
 class LabelledTrainStream(IterableDataset):
-    """An endless stream of ``(view, label, position)`` for one rank: the linear-evaluation view of each sample,
+    """An endless stream of ``(view, label, position)`` for one rank: the first view of ``stream`` of each sample,
     and the position of the reader that made it (as :class:`~moco_scale.data.torch_loader.TwoViewStream`'s)."""
 
-    def __init__(self, shards: list[str], image_size: int, rank: int, world_size: int, seed: int, shuffle_buffer: int):
-        view = linear_eval_view(image_size)
-        self.reader = TwoViewStream(shards, (view, view), rank, world_size, seed, shuffle_buffer)
-        self.transform = view_transform(view)
+    def __init__(self, stream: StreamSpec):
+        self.reader = TwoViewStream(
+            stream.shards, stream.views, stream.rank, stream.world_size, stream.seed, stream.shuffle_buffer
+        )
+        self.transform = view_transform(stream.views[0])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
         reader, _ = self.reader.reader()
@@ -190,21 +191,27 @@ class LabelledTrainStream(IterableDataset):
             yield self.transform(image), label, torch.tensor([reader, *position])
 
 
-def train_loader(
+def linear_eval_stream(
     shards: list[str],
     image_size: int,
     batch_size: int,
-    rank: int,
-    world_size: int,
-    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
     seed: int = 0,
     shuffle_buffer: int = 1000,
-    pin_memory: bool = False,
-) -> StreamBatches:
-    """Endless ``(images, labels)`` batches of augmented training views for this rank; ``bad_samples`` counts
-    the samples skipped so far."""
-    stream = LabelledTrainStream(shards, image_size, rank, world_size, seed, shuffle_buffer)
-    readers, reader = max(1, workers), stream.reader
-    loader = stream_loader(stream, reader.total, batch_size, world_size, workers, pin_memory)
+) -> StreamSpec:
+    """The linear probe's training stream: :func:`linear_eval_view` of each sample of this rank's share."""
+    view = linear_eval_view(image_size)
+    return StreamSpec(shards, (view, view), batch_size, rank, world_size, seed, shuffle_buffer)
+
+
+def train_loader(stream: StreamSpec, *, workers: int = 0, pin_memory: bool = False) -> StreamBatches:
+    """Endless ``(images, labels)`` batches of ``stream``'s first view (:func:`linear_eval_stream`) for its rank;
+    ``bad_samples`` counts the samples skipped so far."""
+    labelled = LabelledTrainStream(stream)
+    readers, reader = max(1, workers), labelled.reader
+    loader = stream_loader(labelled, reader.total, stream.batch_size, stream.world_size, workers, pin_memory)
     left_out = sum(map(len, reader.excluded.values()))
-    return StreamBatches(loader, [(0, 0, 0)] * readers, 0, reader.places_per_reader(readers), world_size, left_out)
+    return StreamBatches(
+        loader, [(0, 0, 0)] * readers, 0, reader.places_per_reader(readers), stream.world_size, left_out
+    )

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moco_scale.config import EvalConfig
 from moco_scale.data.labelled import eval_loader
 from moco_scale.distributed.comm import all_gather_concat, world_size
 
@@ -97,11 +98,14 @@ def _merge_across_ranks(sims: torch.Tensor, labels: torch.Tensor, k: int) -> tup
     return top_sims, all_labels.gather(1, index)
 
 
+Labelled = tuple[torch.Tensor, torch.Tensor]  # normalised features and their labels, as extract_features gives
+
+
 def knn_predict(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
+    bank: Labelled,
     queries: torch.Tensor,
     num_classes: int,
+    *,
     k: int = 200,
     temperature: float = 0.1,
     chunk: int = 256,
@@ -112,47 +116,56 @@ def knn_predict(
 
     With ``sharded_bank`` every rank passes its own share of the bank and the same queries.
     """
-    bank_size = len(bank)
+    features, labels_of_bank = bank
+    bank_size = len(features)
     if sharded_bank:
-        bank_size = int(all_gather_concat(torch.tensor([bank_size], device=bank.device)).sum())
+        bank_size = int(all_gather_concat(torch.tensor([bank_size], device=features.device)).sum())
     if bank_size == 0:
         raise ValueError("the kNN feature bank is empty")
     k = min(k, bank_size)
     predictions = []
     for start in range(0, len(queries), chunk):
-        batch = queries[start : start + chunk].to(bank.device)
-        sims, labels = _nearest(batch, bank, bank_labels, k, bank_chunk)
+        batch = queries[start : start + chunk].to(features.device)
+        sims, labels = _nearest(batch, features, labels_of_bank, k, bank_chunk)
         if sharded_bank:
             sims, labels = _merge_across_ranks(sims, labels, k)
         weights = ((sims - sims.amax(1, keepdim=True)) / temperature).exp()
         votes = sims.new_zeros(len(batch), num_classes).scatter_add_(1, labels, weights)
         predictions.append(votes.argmax(1))
-    return torch.cat(predictions) if predictions else bank_labels.new_zeros(0)
+    return torch.cat(predictions) if predictions else labels_of_bank.new_zeros(0)
 
 
 def knn_top1(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
+    bank: Labelled,
+    queries: Labelled,
     num_classes: int,
+    *,
     k: int = 200,
     temperature: float = 0.1,
     chunk: int = 256,
     bank_chunk: int = 65536,
     sharded_bank: bool = False,
 ) -> float:
-    """Weighted-kNN top-1 accuracy of the test features against the train bank, in percent."""
-    if len(test_feats) == 0:
+    """Weighted-kNN top-1 accuracy of the labelled queries against the bank, in percent."""
+    features, labels = queries
+    if len(features) == 0:
         raise ValueError("no test features to classify")
     predicted = knn_predict(
-        train_feats, train_labels, test_feats, num_classes, k, temperature, chunk, bank_chunk, sharded_bank
+        bank,
+        features,
+        num_classes,
+        k=k,
+        temperature=temperature,
+        chunk=chunk,
+        bank_chunk=bank_chunk,
+        sharded_bank=sharded_bank,
     )
-    return 100.0 * (predicted == test_labels.to(predicted.device)).sum().item() / len(test_feats)
+    return 100.0 * (predicted == labels.to(predicted.device)).sum().item() / len(features)
 
 
 class KnnMonitor:
-    """kNN top-1 of a backbone: bank from labelled training shards, queries from held-out shards.
+    """kNN top-1 of a backbone: bank from labelled training shards, queries from held-out shards, with the
+    ``eval`` section's batch size, k and temperature.
 
     Built once (every rank, with its rank and the world size); ``monitor(backbone)`` is a collective
     call that all ranks make together and that returns the same percentage on each. The backbone's
@@ -164,20 +177,18 @@ class KnnMonitor:
         bank_shards: list[str],
         query_shards: list[str],
         image_size: int,
-        batch_size: int,
+        settings: EvalConfig,
         rank: int,
         world_size: int,
+        *,
         workers: int = 0,
-        k: int = 200,
-        temperature: float = 0.1,
-        num_classes: int | None = None,
-        chunk: int = 256,
         pin_memory: bool = False,
     ):
-        self.bank = eval_loader(bank_shards, image_size, batch_size, rank, world_size, workers, pin_memory)
-        self.queries = eval_loader(query_shards, image_size, batch_size, rank, world_size, workers, pin_memory)
+        batch = settings.batch_size
+        self.bank = eval_loader(bank_shards, image_size, batch, rank, world_size, workers, pin_memory)
+        self.queries = eval_loader(query_shards, image_size, batch, rank, world_size, workers, pin_memory)
         self.sharded = world_size > 1
-        self.k, self.temperature, self.num_classes, self.chunk = k, temperature, num_classes, chunk
+        self.k, self.temperature = settings.knn_k, settings.knn_temperature
 
     @property
     def bad_samples(self) -> int:
@@ -201,13 +212,10 @@ class KnnMonitor:
         if lowest < 0:
             raise ValueError("the kNN monitor needs labelled samples: some have no cls")
         return knn_top1(
-            bank,
-            bank_labels,
-            queries,
-            query_labels,
-            self.num_classes or highest + 1,
-            self.k,
-            self.temperature,
-            self.chunk,
+            (bank, bank_labels),
+            (queries, query_labels),
+            highest + 1,
+            k=self.k,
+            temperature=self.temperature,
             sharded_bank=self.sharded,
         )

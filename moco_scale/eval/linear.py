@@ -9,6 +9,7 @@ gradients are averaged with one ``all_reduce``, so the layer stays identical on 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -16,18 +17,30 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from moco_scale.config import ModelConfig
 from moco_scale.distributed.comm import world_size
 from moco_scale.models import build_resnet
 from moco_scale.optim import learning_rate
 from moco_scale.weights import WeightsError
 
 
-def frozen_backbone(
-    arch: str, width: int, small_stem: bool, weights: dict[str, torch.Tensor] | None, seed: int = 0
-) -> nn.Module:
-    """A ResNet in eval mode with frozen parameters: ``weights`` loaded strictly, or a random init drawn from
-    ``seed`` (the same on every rank). Weights that do not fit the architecture are a one-line error."""
+@dataclass(frozen=True)
+class LinearSchedule:
+    """The head's SGD: ``steps`` steps to a peak lr (warmed up linearly over ``warmup_steps``, then ``schedule``)."""
+
+    steps: int
+    peak_lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+
+
+def frozen_backbone(model: ModelConfig, weights: dict[str, torch.Tensor] | None, seed: int = 0) -> nn.Module:
+    """The backbone ``model`` describes, in eval mode with frozen parameters: ``weights`` loaded strictly, or a
+    random init drawn from ``seed`` (the same on every rank). Weights that do not fit are a one-line error."""
     torch.manual_seed(seed)
+    arch, width, small_stem = model.arch, model.width, model.small_stem
     backbone = build_resnet(arch, width, small_stem)
     if weights is not None:
         expected = backbone.state_dict()
@@ -68,19 +81,15 @@ def train_linear(
     backbone: nn.Module,
     head: nn.Linear,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
-    peak_lr: float,
     device: torch.device,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
+    sgd: LinearSchedule,
     progress: bool = False,
 ) -> list[float]:
-    """Train ``head`` on the frozen backbone's features of ``steps`` batches; returns this rank's loss per step."""
+    """Train ``head`` on the frozen backbone's features of ``sgd.steps`` batches; returns this rank's loss per step."""
     backbone.eval()
     head.train()
-    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=momentum, weight_decay=weight_decay)
+    steps, peak_lr = sgd.steps, sgd.peak_lr
+    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
     distributed = dist.is_initialized() and world_size() > 1
     losses = []
     bar = tqdm(total=steps, disable=not progress, desc="linear probe", dynamic_ncols=True)
@@ -94,7 +103,7 @@ def train_linear(
         if distributed:
             average_gradients(head)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, peak_lr, warmup_steps, schedule)
+            group["lr"] = learning_rate(step, steps, peak_lr, sgd.warmup_steps, sgd.schedule)
         optimizer.step()
         losses.append(loss.item())
         bar.update()
