@@ -17,10 +17,10 @@ NAN_AT_STEP = int(os.environ["MOCO_NAN_AT_STEP"])
 plain_forward = MoCo.forward
 
 
-def forward_with_nan(self: MoCo, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int):
+def forward_with_nan(self: MoCo, view1: torch.Tensor, view2: torch.Tensor, step: int):
     if step == NAN_AT_STEP and os.environ.get("RANK") == "1":
         view1, view2 = torch.full_like(view1, float("nan")), torch.full_like(view2, float("nan"))
-    return plain_forward(self, view1, view2, momentum, step)
+    return plain_forward(self, view1, view2, step)
 
 
 MoCo.forward = forward_with_nan

@@ -96,9 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class PlainEngine:
-    """Our MoCo step without DeepSpeed: forward under the engine's autocast policy, backward, optimizer.
-
-    The same markers as ``DeepSpeedEngine.train_step``, so the breakdowns line up (no ``comm``: one device).
+    """Our MoCo step without DeepSpeed or a process group: momentum update, forward under the engine's autocast
+    policy, backward, optimizer. The same stages as ``TrainEngine.train_step``, so the breakdowns line up (no
+    ``comm``: one device; no agreement on finiteness, no rollback).
     """
 
     def __init__(self, model: MoCo, optimizer: torch.optim.Optimizer, precision: str, device: torch.device):
@@ -111,8 +111,15 @@ class PlainEngine:
     ) -> MocoOutput:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out: MocoOutput = self.model(view1, view2, momentum=momentum, step=step)
+        with profiling.stage("ema"):
+            self.model.momentum_update(momentum)
+        with (
+            torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None),
+            profiling.stage("query_fwd_bwd"),
+            profiling.timed_calls(self.model, "encode_keys", "key_fwd"),
+            profiling.timed_calls(self.model, "contrast", "queue_loss"),
+        ):
+            out: MocoOutput = self.model(view1, view2, step=step)
         with profiling.stage("query_fwd_bwd"):
             self.optimizer.zero_grad(set_to_none=True)
             (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()

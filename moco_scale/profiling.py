@@ -1,9 +1,9 @@
 """Wall time per training stage, per step: a stage timer that costs nothing while it is off.
 
-The step marks its stages with ``profiling.stage(name)`` (a context) or ``@profiling.timed(name)``
-(a decorator). They record into the :class:`StageTimer` that is active (``with timer:``) and only
-inside one of its steps (``with timer.step():``); otherwise they are a shared null context, so an
-unprofiled step pays one global lookup per marker.
+The step marks its stages with ``profiling.stage(name)`` (a context) or ``profiling.timed_calls(obj,
+method, name)`` (every call of a method, within a block). They record into the :class:`StageTimer` that
+is active (``with timer:``) and only inside one of its steps (``with timer.step():``); otherwise they are
+a shared null context, so an unprofiled step pays one global lookup per marker.
 
     timer = StageTimer(device)            # StageTimer(device, enabled=False): every call a no-op
     with timer:
@@ -21,14 +21,14 @@ learning-rate update, Python). On CUDA every boundary synchronises the device, s
 includes the GPU work it launched, and the synchronisation slows the step: measure throughput with
 the timer off and the breakdown with it on.
 
-The stages of a MoCo step (``STAGES``):
+The stages of a MoCo step (``STAGES``), marked by the training loop and ``TrainEngine.train_step`` (the
+boundary between trainer and engine), none in the algorithm's code:
 
 - ``data_wait``: waiting for the next batch (timed by the caller);
-- ``query_fwd_bwd``: the query forward (``MoCo._query``) and backward (``engine.backward``,
-  less ``comm``);
-- ``key_fwd``: the key forward, shuffle-BN's two ``all_to_all`` included (``MoCo._key``);
+- ``query_fwd_bwd``: the query forward and the backward (``engine.backward``, less ``comm``);
+- ``key_fwd``: the key forward, shuffle-BN's two ``all_to_all`` included (calls of ``MoCo.encode_keys``);
 - ``ema``: the momentum update (``MoCo.momentum_update``);
-- ``queue_loss``: logits, InfoNCE and the enqueue with its key ``all_gather`` (v3: ``_contrast``);
+- ``queue_loss``: logits and InfoNCE (calls of ``MoCo.contrast``) and the enqueue with its key ``all_gather``;
 - ``optimizer``: ``engine.step()`` (under ZeRO 1/2 also the all-gather of the updated parameters);
 - ``comm``: DeepSpeed's gradient reduction. DeepSpeed runs it inside ``engine.backward``, after
   autograd has finished, as one call of ``engine.allreduce_gradients`` (ZeRO 0: the bucketed
@@ -146,7 +146,7 @@ def stage(name: str) -> contextlib.AbstractContextManager[None]:
     return _NULL if timer is None else timer.stage(name)
 
 
-def timed(name: str) -> Callable[[F], F]:
+def _timed(name: str) -> Callable[[F], F]:
     """Decorator: every call of the function is timed as stage ``name`` in the active timer."""
 
     def decorate(fn: F) -> F:
@@ -167,7 +167,7 @@ def timed(name: str) -> Callable[[F], F]:
 def _timing_calls(obj: object, method: str, name: str) -> Iterator[None]:
     had_own = method in vars(obj)
     original = getattr(obj, method)
-    setattr(obj, method, timed(name)(original))
+    setattr(obj, method, _timed(name)(original))
     try:
         yield
     finally:

@@ -44,7 +44,8 @@ def test_queue_loss_matches_reference(version: str) -> None:
     x1, x2 = _views()
     m = 0.9
     queue_before = model.queue.keys.clone()
-    out = model(x1, x2, momentum=m, step=0)
+    model.momentum_update(m)
+    out = model(x1, x2, step=0)
     out.loss.backward()
     # Reference, as in fb/moco: momentum update, encode, logits [pos, queue] / T, label 0.
     with torch.no_grad():
@@ -69,7 +70,8 @@ def test_v3_symmetric_loss_matches_reference() -> None:
     model = _model("v3")
     reference = copy.deepcopy(model)
     x1, x2 = _views()
-    out = model(x1, x2, momentum=0.99, step=0)
+    model.momentum_update(0.99)
+    out = model(x1, x2, step=0)
     with torch.no_grad():
         for q, k in zip(reference.encoder_q.parameters(), reference.encoder_k.parameters(), strict=True):
             k.mul_(0.99).add_(q, alpha=0.01)
@@ -89,7 +91,7 @@ def test_single_process_shuffle_bn_changes_keys_but_not_their_order() -> None:
     x1, x2 = _views(8)
     keys_seen = []
     shuffled.queue.enqueue = keys_seen.append  # capture the keys instead of enqueuing them
-    shuffled(x1, x2, momentum=1.0, step=3)
+    shuffled(x1, x2, step=3)
     k = keys_seen[0]
     with torch.no_grad():
         plain_groups = copy.deepcopy(shuffled.encoder_k)
@@ -109,7 +111,8 @@ def _check_v2_two_ranks(rank: int, world: int) -> None:
     model = _model("v2", shuffle_bn="shuffle", world_size=world)
     x1, x2 = _views(4, seed=rank + 1)
     for step in range(3):
-        out = model(x1, x2, momentum=0.99, step=step)
+        model.momentum_update(0.99)
+        out = model(x1, x2, step=step)
         out.loss.backward()
     assert torch.isfinite(out.loss)
     gathered = [torch.empty_like(model.queue.keys) for _ in range(world)]
@@ -128,7 +131,7 @@ def test_channels_last_key_input_changes_layout_not_result(shuffle_bn: str) -> N
     seen = []
     fast.encoder_k.backbone.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     view1, view2 = _views()
-    expected, got = plain(view1, view2, momentum=0.9, step=0), fast(view1, view2, momentum=0.9, step=0)
+    expected, got = plain(view1, view2, step=0), fast(view1, view2, step=0)
     assert (
         seen
         and seen[0].is_contiguous(memory_format=torch.channels_last)

@@ -62,23 +62,30 @@ def test_markers_are_free_null_contexts_when_no_timer_is_active() -> None:
         assert profiling.stage("ema") is profiling.stage("key_fwd")  # one shared null context
         model = _moco()
         x = torch.randn(4, 3, 32, 32)
-        model(x, x, momentum=0.9, step=0).loss.backward()
+        model.momentum_update(0.9)
+        model(x, x, step=0).loss.backward()
     assert off.steps == [] and off.pop_means() == {}
 
 
-def test_single_process_v3_step_is_broken_down() -> None:
-    model = _moco("v3")
+def _v3_step_is_broken_down(rank: int, world: int) -> None:
+    model, engine = _engine(world, "v3")
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     timer = profiling.StageTimer()
     with timer, timer.step():
-        model(x1, x2, momentum=0.9, step=0).loss.backward()
+        engine.train_step(x1, x2, lr=0.1, momentum=0.9, step=0)
     (record,) = timer.steps
     assert set(record) >= MOCO_STAGES
     assert all(record[name] > 0 for name in MOCO_STAGES)
+    assert not {"encode_keys", "contrast"} & set(vars(model))  # the timed methods are the class's again
 
 
-def _engine(world: int) -> tuple[MoCo, DeepSpeedEngine]:
-    model = _moco("v2", world)
+def test_single_process_v3_engine_step_is_broken_down() -> None:
+    """The stages are marked by the engine, around the algorithm's methods, not inside them."""
+    run_ranks(_v3_step_is_broken_down, 1)
+
+
+def _engine(world: int, version: str = "v2") -> tuple[MoCo, DeepSpeedEngine]:
+    model = _moco(version, world)
     return model, DeepSpeedEngine(
         model, lambda m: build_optimizer(m, "sgd", lr=0.1), "fp32", 0, micro_batch=4, world_size=world
     )

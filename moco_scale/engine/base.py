@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moco_scale.moco import MoCo
+from moco_scale import profiling
+from moco_scale.moco import MoCo, MocoOutput
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # engine.precision's
 
@@ -76,12 +77,19 @@ class StepRollback:
 
 
 class TrainEngine(ABC):
-    """Owns the wrapped model, the optimizer and the precision policy."""
+    """Owns the wrapped model, the optimizer and the precision policy; :meth:`train_step` is the same MoCo
+    step on every backend, and a backend supplies its mechanics (forward, backward, finiteness, update).
+
+    Profiling stages are marked here, at the boundary, and none in the algorithm: ``ema``; ``key_fwd``
+    and ``queue_loss`` (calls of ``MoCo.encode_keys``, ``MoCo.contrast`` and the queue's ``enqueue``);
+    ``query_fwd_bwd`` (the rest of the forward and the backward); ``optimizer``; a backend adds ``comm``.
+    """
 
     model: MoCo  # the unwrapped module: encoders, head, queue
+    optimizer: torch.optim.Optimizer  # what the learning rate is set on
+    step_rollback: StepRollback
     reshardable: bool  # whether its checkpoints resume on another world size
 
-    @abstractmethod
     def train_step(
         self,
         view1: torch.Tensor,
@@ -92,11 +100,51 @@ class TrainEngine(ABC):
         step: int,
         stop_requested: bool = False,
     ) -> StepResult:
-        """One forward, backward and optimizer step at learning rate ``lr`` and key momentum ``momentum``.
+        """One momentum update, forward, backward and optimizer step at learning rate ``lr`` and key momentum
+        ``momentum``.
 
-        Between backward and the optimizer step the ranks agree (:func:`agree`) on whether the step is
-        finite everywhere, and on whether any rank has ``stop_requested``. A non-finite step is skipped
-        on every rank: no optimizer step, and the running statistics are restored."""
+        The momentum update comes first, before the forward: it reads the query encoder as the previous
+        optimizer step left it, as fb/moco's does, and a sharding backend's forward gathers the parameters
+        it moves (ZeRO-3 prefetches the key encoder's). Between backward and the optimizer step the ranks
+        agree (:func:`agree`) on whether the step is finite everywhere, and on whether any rank has
+        ``stop_requested``. A non-finite step is skipped on every rank: no optimizer step, and the running
+        statistics and the queue are restored."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.step_rollback.save()
+        with profiling.stage("ema"):
+            self.model.momentum_update(momentum)
+        queue = self.model.queue
+        with (
+            profiling.stage("query_fwd_bwd"),
+            profiling.timed_calls(self.model, "encode_keys", "key_fwd"),
+            profiling.timed_calls(self.model, "contrast", "queue_loss"),
+            profiling.timed_calls(queue, "enqueue", "queue_loss") if queue is not None else contextlib.nullcontext(),
+        ):
+            out = self._forward(view1, view2, step)
+            self._backward(out.loss)
+        skipped, stop = agree(~torch.isfinite(out.loss.detach()) | self._nonfinite_gradients(), stop_requested)
+        with profiling.stage("optimizer"):
+            if skipped:
+                self.step_rollback.apply()
+            self._optimizer_step(skipped)
+        return StepResult(out.loss.detach(), out.inst_acc.detach(), skipped, stop)
+
+    @abstractmethod
+    def _forward(self, view1: torch.Tensor, view2: torch.Tensor, step: int) -> MocoOutput:
+        """The model's forward under the backend's wrapper and precision policy."""
+
+    @abstractmethod
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss``, reduced across the ranks."""
+
+    @abstractmethod
+    def _nonfinite_gradients(self) -> torch.Tensor:
+        """A 0-d bool tensor: whether this rank's (share of the) gradients holds a non-finite value."""
+
+    @abstractmethod
+    def _optimizer_step(self, skipped: bool) -> None:
+        """The optimizer step, or (``skipped``) the backend's bookkeeping without one; gradients are cleared."""
 
     @abstractmethod
     def save_checkpoint(self, save_dir: str, tag: str) -> None:

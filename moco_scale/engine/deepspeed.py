@@ -22,11 +22,9 @@ from moco_scale.distributed.grad_sync import OverlappedGradientAverager
 from moco_scale.engine.base import (
     COMPUTE_DTYPES,
     OptimizerFactory,
-    StepResult,
     StepRollback,
     TrainEngine,
     WholeBackboneCopy,
-    agree,
     any_nonfinite,
     optimizer_step_skipped,
 )
@@ -191,42 +189,21 @@ class DeepSpeedEngine(TrainEngine):
         self.sharded_parameters = zero_stage == 3
         self.reshardable = not self.sharded_parameters
         self._whole_backbone = WholeBackboneCopy(backbone_factory) if backbone_factory else None
-        if self.sharded_parameters:
+        if self.sharded_parameters:  # both encoders are partitioned alike: the momentum update stays local
             model.use_local_shards(local_shard)
 
-    def train_step(
-        self,
-        view1: torch.Tensor,
-        view2: torch.Tensor,
-        *,
-        lr: float,
-        momentum: float,
-        step: int,
-        stop_requested: bool = False,
-    ) -> StepResult:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.step_rollback.save()
-        if self.sharded_parameters:  # before ZeRO-3 prefetches the key encoder's old parameters
-            self.model.momentum_update(momentum, buffers=False)
-        out: MocoOutput = self.engine(view1, view2, momentum=momentum, step=step)
+    def _forward(self, view1: torch.Tensor, view2: torch.Tensor, step: int) -> MocoOutput:
+        return self.engine(view1, view2, step=step)  # DeepSpeed's wrapper applies its torch_autocast policy
+
+    def _backward(self, loss: torch.Tensor) -> None:
         # ZeRO 1-3: DeepSpeed reduces the gradients inside backward (timed as comm); ZeRO-0: our averager.
         if self._gradients is not None:  # backward accumulates into the averager's buckets
             self._gradients.attach()
-        with profiling.stage("query_fwd_bwd"), profiling.timed_calls(self.engine, "allreduce_gradients", "comm"):
-            self.engine.backward(out.loss)
+        with profiling.timed_calls(self.engine, "allreduce_gradients", "comm"):
+            self.engine.backward(loss)
         if self._gradients is not None:  # what is left of the reductions that overlapped the backward
             with profiling.stage("comm"):
                 self._gradients.wait()
-        skipped, stop = agree(~torch.isfinite(out.loss.detach()) | self._nonfinite_gradients(), stop_requested)
-        with profiling.stage("optimizer"):
-            if skipped:
-                self.step_rollback.apply()
-                with optimizer_step_skipped(self.base_optimizer):
-                    self.engine.step()
-            else:
-                self.engine.step()
-        return StepResult(out.loss.detach(), out.inst_acc.detach(), skipped, stop)
 
     def _nonfinite_gradients(self) -> torch.Tensor:
         if self._watch is not None:
@@ -234,6 +211,13 @@ class DeepSpeedEngine(TrainEngine):
         if not self.check_gradients:
             return torch.zeros((), dtype=torch.bool)
         return any_nonfinite([p.grad for p in self.model.parameters() if p.grad is not None])
+
+    def _optimizer_step(self, skipped: bool) -> None:
+        if skipped:  # DeepSpeed's step still runs its bookkeeping (zeroing gradients, its counters)
+            with optimizer_step_skipped(self.base_optimizer):
+                self.engine.step()
+        else:
+            self.engine.step()
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
         """fp16's loss scaler, which DeepSpeed's ``torch_autocast`` mode keeps but does not checkpoint."""

@@ -24,15 +24,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from moco_scale import profiling
 from moco_scale.engine.base import (
     COMPUTE_DTYPES,
     OptimizerFactory,
-    StepResult,
     StepRollback,
     TrainEngine,
     WholeBackboneCopy,
-    agree,
     any_nonfinite,
 )
 from moco_scale.moco import MoCo, MocoOutput
@@ -96,35 +93,22 @@ class FSDPEngine(TrainEngine):
         self.step_rollback = StepRollback(model)
         self._whole_backbone = WholeBackboneCopy(backbone_factory) if backbone_factory else None
 
-    def train_step(
-        self,
-        view1: torch.Tensor,
-        view2: torch.Tensor,
-        *,
-        lr: float,
-        momentum: float,
-        step: int,
-        stop_requested: bool = False,
-    ) -> StepResult:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.step_rollback.save()
-        self.model.momentum_update(momentum, buffers=False)  # on the shards, before the forward gathers them
+    def _forward(self, view1: torch.Tensor, view2: torch.Tensor, step: int) -> MocoOutput:
         with torch.autocast(view1.device.type, self.autocast_dtype or torch.bfloat16, self.autocast_dtype is not None):
-            out: MocoOutput = self.model(view1, view2, momentum=momentum, step=step)
-        with profiling.stage("query_fwd_bwd"):  # FSDP reduce-scatters the gradients inside backward
-            out.loss.backward()
-        local_grads = [_local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
-        skipped, stop = agree(~torch.isfinite(out.loss.detach()) | any_nonfinite(local_grads), stop_requested)
-        with profiling.stage("optimizer"):
-            if skipped:
-                self.step_rollback.apply()
-            else:
-                if self.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(out.loss.detach(), out.inst_acc.detach(), skipped, stop)
+            return self.model(view1, view2, step=step)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # FSDP reduce-scatters the gradients inside backward
+
+    def _nonfinite_gradients(self) -> torch.Tensor:
+        return any_nonfinite([_local_shard(p.grad) for p in self.model.parameters() if p.grad is not None])
+
+    def _optimizer_step(self, skipped: bool) -> None:
+        if not skipped:
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def query_backbone(self) -> nn.Module:
         if self._whole_backbone is None:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco_scale import profiling
 from moco_scale.config import MocoConfig
 from moco_scale.distributed import shuffle
 from moco_scale.distributed.comm import all_gather_concat, rank
@@ -55,7 +54,8 @@ def projection_head(version: str, in_dim: int, hidden_dim: int, out_dim: int) ->
 
 
 class MoCo(nn.Module):
-    """Query encoder, momentum key encoder and (v1/v2) a queue; ``forward`` returns the loss.
+    """Query encoder, momentum key encoder and (v1/v2) a queue. One training step is
+    ``momentum_update(m)``, then ``forward(view1, view2, step)`` for the loss; the engine makes both calls.
 
     Args:
         backbone: the query backbone, returning pooled features of size ``backbone.feature_dim``.
@@ -106,61 +106,53 @@ class MoCo(nn.Module):
         self._local_shard: LocalShard | None = None
 
     def use_local_shards(self, local_shard: LocalShard) -> None:
-        """Set by a sharding backend: the momentum update then runs on each parameter's local shard,
-        and the backend calls ``momentum_update(m, buffers=False)`` before its forward starts
-        gathering parameters (ZeRO-3 prefetches the key encoder's); the forward moves the buffers."""
+        """Set by a sharding backend: the momentum update then runs on each parameter's local shard."""
         self._local_shard, self._updater = local_shard, None
 
-    @profiling.timed("ema")
-    def momentum_update(self, momentum: float, parameters: bool = True, buffers: bool = True) -> None:
-        """key encoder <- momentum * key encoder + (1 - momentum) * query encoder."""
+    def momentum_update(self, momentum: float) -> None:
+        """key encoder <- momentum * key encoder + (1 - momentum) * query encoder (BN buffers per
+        ``key_bn_buffers``). The engine calls it once per step, before :meth:`forward`."""
         if self._updater is None:  # built on first use: moving the module replaces its buffers
             self._updater = MomentumUpdater(
                 self.encoder_q, self.encoder_k, self.key_bn_buffers, self.cuda_graph_ema, self._local_shard
             )
-        self._updater(momentum, parameters, buffers)
+        self._updater(momentum)
 
-    @profiling.timed("query_fwd_bwd")
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """q: the query encoder's output (v3: through the predictor), not normalised."""
         q = self.encoder_q(x)
         return self.predictor(q) if self.predictor is not None else q
 
-    @profiling.timed("key_fwd")
     @torch.no_grad()
-    def _key(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def encode_keys(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """k: the key encoder's normalised output; with shuffle-BN the batch is shuffled across the ranks (or
+        the BN groups) on the way in and unshuffled on the way out, by the plan this step draws."""
         if not self.shuffle_keys:
-            return F.normalize(self._encode_key(x), dim=1)
+            return F.normalize(self._key_encoder(x), dim=1)
         plan = shuffle.plan_for_step(self.shuffle_seed, step, x.shape[0], x.device)
-        k = self._encode_key(shuffle.shuffle(x, plan))
+        k = self._key_encoder(shuffle.shuffle(x, plan))
         return F.normalize(shuffle.unshuffle(k, plan), dim=1)
 
-    def _encode_key(self, x: torch.Tensor) -> torch.Tensor:
+    def _key_encoder(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder_k(x.contiguous(memory_format=torch.channels_last) if self.key_channels_last else x)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
-        if self.version == "v3":
-            return self._forward_v3(view1, view2, momentum, step)
-        q = F.normalize(self._query(view1), dim=1)
-        self.momentum_update(momentum, parameters=self._local_shard is None)
-        k = self._key(view2, step)
-        with profiling.stage("queue_loss"), torch.autocast(q.device.type, enabled=False):
-            q, k = q.float(), k.float()
-            loss, accuracy = self.queue.info_nce(q, k, self.temperature)
-            self.queue.enqueue(k)
-        return MocoOutput(loss, accuracy)
-
-    @profiling.timed("queue_loss")
-    def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """v3: each query against the keys of the whole global batch; its own key is the positive."""
+    def contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE of the queries against their keys, in fp32: v1/v2 with the queue's keys as negatives; v3
+        with the keys of the whole global batch, each query's own key the positive. Returns (loss, inst_acc)."""
         with torch.autocast(q.device.type, enabled=False):
-            q = F.normalize(q.float(), dim=1)
-            keys = all_gather_concat(k.float())
-            return in_batch_info_nce(q, keys, q.shape[0] * rank(), self.temperature)
+            q, k = F.normalize(q.float(), dim=1), k.float()
+            if self.queue is not None:
+                return self.queue.info_nce(q, k, self.temperature)
+            return in_batch_info_nce(q, all_gather_concat(k), q.shape[0] * rank(), self.temperature)
 
-    def _forward_v3(self, view1: torch.Tensor, view2: torch.Tensor, momentum: float, step: int) -> MocoOutput:
-        q1, q2 = self._query(view1), self._query(view2)
-        self.momentum_update(momentum, parameters=self._local_shard is None)
-        k1, k2 = self._key(view1, step), self._key(view2, step)
-        loss_12, acc_12 = self._contrast(q1, k2)
-        loss_21, acc_21 = self._contrast(q2, k1)
-        return MocoOutput(loss_12 + loss_21, (acc_12 + acc_21) / 2)
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, step: int) -> MocoOutput:
+        if self.version == "v3":  # symmetrised: each view's query against the other view's key
+            q1, q2 = self.encode_queries(view1), self.encode_queries(view2)
+            k1, k2 = self.encode_keys(view1, step), self.encode_keys(view2, step)
+            (loss_12, acc_12), (loss_21, acc_21) = self.contrast(q1, k2), self.contrast(q2, k1)
+            return MocoOutput(loss_12 + loss_21, (acc_12 + acc_21) / 2)
+        q = self.encode_queries(view1)
+        k = self.encode_keys(view2, step)
+        loss, inst_acc = self.contrast(q, k)
+        self.queue.enqueue(k)
+        return MocoOutput(loss, inst_acc)

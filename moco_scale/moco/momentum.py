@@ -9,7 +9,8 @@ maps each parameter to this rank's shard of it: the update is then local, with n
 
 BN buffers (never sharded) follow ``buffer_policy``:
 - ``own``: the key encoder keeps the statistics of its own forward passes (the MoCo papers);
-- ``copy``: the key encoder's buffers are overwritten with the query encoder's;
+- ``copy``: the key encoder's buffers are overwritten with the query encoder's (as they are before the step's
+  forward: the update runs once per step, before the forward, on every engine);
 - ``ema``: floating-point buffers are averaged like parameters; counters are copied.
 """
 
@@ -70,17 +71,14 @@ class MomentumUpdater:
             torch._foreach_lerp_(self.target, self.online, weight)
 
     @torch.no_grad()
-    def __call__(self, momentum: float, parameters: bool = True, buffers: bool = True) -> None:
-        """Move the parameters and the BN buffers (per the policy); a sharding backend moves the
-        parameters before its forward and the buffers, never sharded, where the papers do."""
+    def __call__(self, momentum: float) -> None:
+        """Move the parameters and the BN buffers (per the policy)."""
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-        if buffers and self.buffers_target:
+        if self.buffers_target:
             torch._foreach_lerp_(self.buffers_target, self.buffers_online, 1.0 - momentum)
-        if buffers and self.copy_dst:
+        if self.copy_dst:
             torch._foreach_copy_(self.copy_dst, self.copy_src)
-        if not parameters:
-            return
         if not self.use_graph:
             self._update_parameters(1.0 - momentum)
             return
