@@ -139,7 +139,7 @@ def _check_sync_bn(rank: int, world: int, dims: int) -> None:
     with torch.no_grad():
         reference.weight.uniform_(0.5, 1.5)
         reference.bias.uniform_(-1, 1)
-    synced = batchnorm.convert_batchnorm(nn.Sequential(reference), "sync", 1, torch.device("cpu"))[0]
+    synced = batchnorm.convert_batchnorm(nn.Sequential(reference), "sync", 2, 1, torch.device("cpu"))[0]
     reference = (nn.BatchNorm2d(4) if dims == 4 else nn.BatchNorm1d(4)).train()
     reference.load_state_dict(synced.state_dict())
     assert isinstance(synced, batchnorm.GlooSyncBatchNorm)
@@ -167,8 +167,10 @@ def test_gloo_sync_batchnorm_matches_full_batch(dims: int) -> None:
 def test_convert_keeps_state_and_modes() -> None:
     net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Sequential(nn.BatchNorm1d(3)))
     net[1].running_mean.fill_(2.0)
-    split = batchnorm.convert_batchnorm(net, "split", 2, torch.device("cpu"))
+    split = batchnorm.convert_batchnorm(net, "shuffle", 1, 2, torch.device("cpu"))
     assert isinstance(split[1], batchnorm.SplitBatchNorm) and split[1].running_mean[0] == 2.0
     assert type(split[2][0]) is nn.BatchNorm1d  # heads keep plain BN in split mode
-    with pytest.raises(ValueError, match="unknown batch-norm mode"):
-        batchnorm.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), "bogus", 1, torch.device("cpu"))
+    across_ranks = nn.Sequential(nn.BatchNorm2d(3))
+    assert type(batchnorm.convert_batchnorm(across_ranks, "shuffle", 2, 2, torch.device("cpu"))[0]) is nn.BatchNorm2d
+    with pytest.raises(ValueError, match="unknown moco.shuffle_bn 'bogus'"):
+        batchnorm.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), "bogus", 1, 1, torch.device("cpu"))

@@ -1,5 +1,5 @@
-"""The key encoder's batch-norm modes: split BN (virtual groups in one process), sync BN on any backend,
-and per-rank BN (for shuffle-BN across ranks, with the shuffle of ``moco_scale.distributed.shuffle``)."""
+"""Batch norm for each ``moco.shuffle_bn``: split BN (shuffle-BN's virtual groups in one process), sync BN on
+any backend, and per-rank BN (shuffle-BN across ranks, with the shuffle of ``moco_scale.distributed.shuffle``)."""
 
 from __future__ import annotations
 
@@ -83,30 +83,33 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return (xf * scale.view(channel_shape) + shift.view(channel_shape)).to(x.dtype)
 
 
-def convert_batchnorm(module: nn.Module, mode: str, num_splits: int, device: torch.device) -> nn.Module:
-    """Swap every ``BatchNorm2d`` for the chosen mode, keeping parameters and statistics.
+def convert_batchnorm(
+    module: nn.Module, shuffle_bn: str, world_size: int, bn_groups: int, device: torch.device
+) -> nn.Module:
+    """Swap every ``BatchNorm2d`` for what ``moco.shuffle_bn`` needs, keeping parameters and statistics.
 
-    ``split``: :class:`SplitBatchNorm` (shuffle-BN in a single process);
-    ``sync``: ``torch.nn.SyncBatchNorm`` on GPU, :class:`GlooSyncBatchNorm` otherwise;
-    ``local``: unchanged per-rank BatchNorm.
+    ``shuffle``: in a single process :class:`SplitBatchNorm` over ``bn_groups`` groups (the shuffle moves
+    samples between groups); on several ranks unchanged per-rank BN (the shuffle moves them between ranks);
+    ``sync``: ``torch.nn.SyncBatchNorm`` on GPU, :class:`GlooSyncBatchNorm` otherwise (1-D BN too);
+    ``none``: unchanged per-rank BN.
     """
-    if mode == "local":
+    if shuffle_bn not in ("shuffle", "sync", "none"):
+        raise ValueError(f"unknown moco.shuffle_bn {shuffle_bn!r}")
+    if shuffle_bn == "none" or (shuffle_bn == "shuffle" and world_size > 1):
         return module
-    if mode == "sync" and device.type == "cuda":
+    if shuffle_bn == "sync" and device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            if mode == "split" and isinstance(child, nn.BatchNorm2d):
-                new: nn.Module = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
-            elif mode == "split":
-                continue  # 1-D BN in a head sees whole feature vectors; leave it per-process
-            elif mode == "sync":
-                new = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            if shuffle_bn == "sync":
+                new: nn.Module = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            elif isinstance(child, nn.BatchNorm2d):
+                new = SplitBatchNorm(child.num_features, bn_groups, eps=child.eps, momentum=child.momentum)
             else:
-                raise ValueError(f"unknown batch-norm mode {mode!r}")
+                continue  # 1-D BN in a head sees whole feature vectors; leave it per-process
             new.load_state_dict(child.state_dict())
             new.to(child.running_mean.device)
             setattr(module, name, new)
         else:
-            convert_batchnorm(child, mode, num_splits, device)
+            convert_batchnorm(child, shuffle_bn, world_size, bn_groups, device)
     return module

@@ -90,12 +90,11 @@ class MoCo(nn.Module):
         self.encoder_q = nn.Sequential()
         self.encoder_q.add_module("backbone", backbone)
         self.encoder_q.add_module("head", projection_head(cfg.version, feature_dim, hidden_dim, cfg.dim))
-        bn_mode = {"sync": "sync", "none": "local"}.get(cfg.shuffle_bn, "split" if world_size == 1 else "local")
         device = next(backbone.parameters()).device
-        convert_batchnorm(self.encoder_q, bn_mode, cfg.bn_groups, device)
+        convert_batchnorm(self.encoder_q, cfg.shuffle_bn, world_size, cfg.bn_groups, device)
         self.predictor = mlp(cfg.dim, hidden_dim, cfg.dim, layers=2, last_bn=False) if cfg.version == "v3" else None
         if self.predictor is not None:
-            convert_batchnorm(self.predictor, bn_mode, cfg.bn_groups, device)
+            convert_batchnorm(self.predictor, cfg.shuffle_bn, world_size, cfg.bn_groups, device)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         queue_type = ShardedKeyQueue if cfg.shard_queue else KeyQueue
