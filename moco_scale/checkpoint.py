@@ -2,10 +2,10 @@
 
 Layout under ``<run_dir>/checkpoints/``::
 
-    step_00000040/          the engine's files: DeepSpeed's (module incl. key encoder, queue and
-                            BN buffers; optimizer shards, one per rank; under ZeRO-3 the parameter
-                            partitions too) or torch.distributed.checkpoint's (FSDP2: .metadata and
-                            one .distcp file per rank)
+    step_00000040/          the engine's files, named by its ``CheckpointLayout`` (engine/base.py):
+                            DeepSpeed's (module incl. key encoder, queue and BN buffers; optimizer
+                            shards, one per rank; under ZeRO-3 the parameter partitions too) or
+                            torch.distributed.checkpoint's (FSDP2: .metadata and one .distcp per rank)
                             + rank_00000.pt, rank_00001.pt, ... (each rank's loader position and
                             RNG states; the step, epoch, config and world size; with
                             moco.shard_queue its slice of the queue, which the engine's files,
@@ -42,15 +42,17 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moco_scale.engine.deepspeed_internals import MODEL_FILE, ZERO_SHARD_GLOB, ZERO_SHARD_PATTERN, zero_shard_file
 from moco_scale.fileio import fsync_dir, fsync_file, write_atomically
+
+if TYPE_CHECKING:
+    from moco_scale.engine.base import CheckpointLayout
 
 LATEST = "latest"
 SET_ASIDE = "set_aside"
@@ -160,15 +162,10 @@ def _step_of(path: Path) -> int:
     return int(path.name.split("_")[1])
 
 
-# Files of a checkpoint that rank r writes: its own rank file, DeepSpeed's ZeRO shards, DCP's data file.
-_PER_RANK = re.compile(rf"rank_(\d+)\.pt|{ZERO_SHARD_PATTERN}|__(\d+)_\d+\.distcp")
-
-
-def _writer(name: str) -> int:
-    """The rank that writes the checkpoint file ``name``, by its name; 0 for the shared ones (DeepSpeed's
-    model file, DCP's .metadata)."""
-    found = _PER_RANK.fullmatch(name)
-    return int(next(g for g in found.groups() if g is not None)) if found else 0
+def _writer(name: str, layout: CheckpointLayout) -> int | None:
+    """The rank that writes the checkpoint file ``name``: a rank file's own, or the engine's (``layout``)."""
+    own = re.fullmatch(r"rank_(\d+)\.pt", name)
+    return int(own.group(1)) if own else layout.writer(name)
 
 
 def _is_rank0() -> bool:
@@ -246,7 +243,7 @@ def save(
         }
         torch.save(_plain(state), _rank_file(partial, rank))
         for file in partial.iterdir():  # what this rank wrote, flushed before anything names it
-            if _writer(file.name) == rank and file.is_file():
+            if _writer(file.name, engine.layout) == rank and file.is_file():
                 fsync_file(file)
     except Exception as err:  # e.g. a full disk (torch.save raises RuntimeError then): every rank must hear of it
         error = f"rank {rank} could not write its part of {partial}: {_one_line(err)}"
@@ -429,13 +426,6 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta = _load_plain(file)
     if not isinstance(meta, dict) or "world_size" not in meta:
         raise CheckpointError(f"{file} is not a moco_scale rank file")
-    model_file = path / MODEL_FILE
-    if "config" not in meta and model_file.is_file():  # written before the rank files carried it
-        try:  # DeepSpeed's model file holds tensors and plain values only: weights_only reads it
-            states = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            raise CheckpointError(f"{model_file} is truncated or unreadable") from None
-        meta |= {key: states[key] for key in ("config", "epoch") if key in states}
     return meta
 
 
@@ -450,13 +440,26 @@ def check_world_size(path: Path, world_size: int) -> None:
         )
 
 
+def engine_layout(path: Path) -> CheckpointLayout:
+    """The file layout of the backend that wrote checkpoint folder ``path``."""
+    from moco_scale.engine import checkpoint_layouts
+
+    layouts = checkpoint_layouts()
+    for layout in layouts:
+        if layout.wrote(path):
+            return layout
+    lacking = ", no ".join(layout.description for layout in layouts)
+    raise CheckpointError(f"{str(path)!r} holds no checkpoint (no {lacking}, no {LATEST})")
+
+
 def check_loadable(path: Path) -> None:
     """One-line errors for a damaged or incomplete checkpoint, found before any compute. Every rank file
-    is read (``weights_only``): one that holds anything but tensors and plain values is refused."""
+    is read (``weights_only``): one that holds anything but tensors and plain values is refused; the
+    engine's files are checked by its layout."""
     rank_files = sorted(path.glob("rank_*.pt"))
     if not rank_files:
         raise CheckpointError(f"{path}: no rank_*.pt files; not a moco_scale checkpoint or an incomplete one")
-    for file in path.glob("*.pt"):
+    for file in rank_files:
         try:
             with zipfile.ZipFile(file) as archive:  # torch.save's format: a truncated file has no directory
                 archive.infolist()
@@ -466,33 +469,12 @@ def check_loadable(path: Path) -> None:
     if not all(isinstance(meta, dict) and "world_size" in meta for meta in metas):
         raise CheckpointError(f"{path}: a rank_*.pt file is not a moco_scale rank file")
     written_by = metas[0]["world_size"]
-    expected = [_rank_file(path, r) for r in range(written_by)]
-    if any(path.glob(ZERO_SHARD_GLOB)):  # ZeRO 1-3: one optimizer shard per rank
-        expected += [path / zero_shard_file(r) for r in range(written_by)]
-    if any(path.glob("*.distcp")):  # torch.distributed.checkpoint: an index and one file per rank
-        expected += [path / ".metadata"] + [path / f"__{r}_0.distcp" for r in range(written_by)]
+    layout = engine_layout(path)
+    expected = [_rank_file(path, r) for r in range(written_by)] + layout.expected_files(path, written_by)
     missing = [file.name for file in expected if not file.is_file()]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}")
-    if (path / ".metadata").is_file():
-        _check_distcp_sizes(path)
-
-
-def _check_distcp_sizes(path: Path) -> None:
-    """Every byte range that torch.distributed.checkpoint's index names lies inside its file."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
-    except Exception:
-        raise CheckpointError(f"{path / '.metadata'} is truncated or unreadable") from None
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file() or file.stat().st_size < size:
-            raise CheckpointError(f"{file} is truncated or missing")
+    layout.check(path)
 
 
 def load(engine, path: Path) -> tuple[int, dict, int]:

@@ -44,17 +44,6 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(path: str | Path) -> None:
-    """Flush every file under ``path``, then every folder (deepest first), ``path`` included."""
-    folders = []
-    for folder, _, files in os.walk(path):
-        folders.append(folder)
-        for name in files:
-            fsync_file(os.path.join(folder, name))
-    for folder in reversed(folders):
-        fsync_dir(folder)
-
-
 @contextlib.contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; on leaving without an error it is flushed and

@@ -1,8 +1,8 @@
 """A pretrained query backbone's weights: read from a checkpoint, or from a file that launchers/export.py wrote.
 
-Checkpoints are read on the CPU with no process group, whatever wrote them: rank 0's DeepSpeed
-model file (ZeRO 0-2 keep the whole module there), the ZeRO-3 partitions put back together, or an
-FSDP2 run's torch.distributed.checkpoint files.
+Checkpoints are read on the CPU with no process group, whatever wrote them, by the checkpoint layout
+of the backend that wrote them (``CheckpointLayout.read_module``: DeepSpeed's model file or ZeRO-3
+partitions, an FSDP2 run's torch.distributed.checkpoint files).
 
 Whatever moco_scale wrote itself (rank files, exported weights) and DeepSpeed's model file are read
 with ``torch.load(weights_only=True)``, so no code in them runs. DeepSpeed's ZeRO-3 fp32 recovery
@@ -12,17 +12,12 @@ checkpoints only from a trusted source.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moco_scale import checkpoint
-from moco_scale.engine.deepspeed_internals import MODEL_FILE
 
 BACKBONE = "encoder_q.backbone."
 HEAD = "encoder_q.head."
@@ -33,49 +28,13 @@ class WeightsError(ValueError):
     """Unusable weights; the message is one line."""
 
 
-def model_file(ckpt: Path) -> Path:
-    """Rank 0's DeepSpeed model file in ``ckpt``."""
-    if (ckpt / MODEL_FILE).is_file():
-        return ckpt / MODEL_FILE
-    found = sorted(ckpt.glob("*model_states.pt"))
-    if not found:
-        raise WeightsError(f"{str(ckpt)!r} holds no checkpoint (no *model_states.pt, no latest)")
-    return found[0]
-
-
-def load_model_states(file: Path) -> dict[str, Any]:
-    """The model file's contents on the CPU, memory-mapped when possible; one-line error if unreadable."""
-    try:
-        states = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
-        raise WeightsError(f"{file}: unreadable or truncated checkpoint file ({reason})") from None
-    if not isinstance(states, dict) or not any(k.startswith(BACKBONE) for k in states.get("module", {})):
-        raise WeightsError(f"{file}: no {BACKBONE}* tensors; not a moco_scale checkpoint")
-    return states
-
-
-def _zero_stage(states: dict[str, Any]) -> int:
-    return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-
-
 def read_module(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the MoCo module in checkpoint folder ``ckpt`` (both encoders, heads, queue, BN
-    buffers), whole, on the CPU."""
-    if (ckpt / ".metadata").is_file():  # FSDP2: torch.distributed.checkpoint
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = _load_state_dict_from_keys({"model"}, checkpoint_id=str(ckpt))
-        return state["model"]
-    states = load_model_states(model_file(ckpt))
-    if _zero_stage(states) != 3:
-        return states["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    buffers), whole, on the CPU, read by the layout of the backend that wrote it."""
+    module = checkpoint.engine_layout(ckpt).read_module(ckpt)
+    if not any(name.startswith(BACKBONE) for name in module):
+        raise WeightsError(f"{ckpt}: no {BACKBONE}* tensors; not a moco_scale checkpoint")
+    return module
 
 
 def strip(module: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

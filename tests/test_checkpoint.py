@@ -17,6 +17,7 @@ import torch
 
 from moco_scale import checkpoint
 from moco_scale.distributed.comm import free_port
+from moco_scale.engine.fsdp import FSDPEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +33,7 @@ def _fake_checkpoint(run_dir: Path, tag: str, world_size: int, zero: int = 0) ->
     path = checkpoint.checkpoint_root(run_dir) / tag
     path.mkdir(parents=True)
     meta = {"world_size": world_size, "reshardable": zero != 3, "config": {"engine": {"zero_stage": zero}}}
+    torch.save({"module": {}}, path / "mp_rank_00_model_states.pt")  # named as DeepSpeed's
     for rank in range(world_size):
         torch.save(meta, path / f"rank_{rank:05d}.pt")
         if zero:
@@ -87,6 +89,17 @@ def test_damaged_checkpoints_get_one_line_errors(tmp_path: Path) -> None:
     (sharded / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(checkpoint.CheckpointError, match="missing zero_pp_rank_1_mp_rank_00_optim_states.pt"):
         checkpoint.check_loadable(sharded)
+    torch.save({}, sharded / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    (sharded / "mp_rank_00_model_states.pt").write_bytes(b"PK")  # cut short
+    with pytest.raises(checkpoint.CheckpointError, match="mp_rank_00_model_states.pt is truncated or unreadable"):
+        checkpoint.check_loadable(sharded)
+    (sharded / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="missing mp_rank_00_model_states.pt"):
+        checkpoint.check_loadable(sharded)
+    engine_less = _fake_checkpoint(tmp_path / "bare", "step_00000003", 1)
+    (engine_less / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint .no DeepSpeed's mp_rank_00.*, no torch"):
+        checkpoint.check_loadable(engine_less)  # no backend's files at all
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(checkpoint.CheckpointError, match="no rank_"):
@@ -359,6 +372,11 @@ def test_fsdp_checkpoint_is_recut_for_another_world_size(tmp_path: Path) -> None
     assert sorted(knn) == [0, 4] and all(v > 0 for v in knn.values())  # evaluated on a gathered copy
     ckpt = checkpoint.checkpoint_root(run_dir) / "step_00000004"
     assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
+    layout = FSDPEngine.layout  # the files it names are those the engine wrote, each with its writer
+    engine_files = sorted(p.name for p in ckpt.iterdir() if not p.name.startswith("rank_"))
+    assert engine_files == sorted(f.name for f in layout.expected_files(ckpt, 2))
+    assert [layout.writer(name) for name in engine_files] == [0, 1, 0]  # .metadata is rank 0's
+    assert checkpoint.engine_layout(ckpt) is layout
     damaged = tmp_path / "damaged"
     shutil.copytree(ckpt, damaged)
     checkpoint.check_loadable(damaged)

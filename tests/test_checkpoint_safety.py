@@ -29,6 +29,7 @@ from test_export import TAG, export, run_dir  # noqa: F401  (run_dir: the real 2
 from moco_scale import checkpoint, fileio, weights
 from moco_scale.checkpoint import CheckpointError
 from moco_scale.distributed.comm import shutdown_distributed
+from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.eval import probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,7 @@ class _FakeEngine:
 
     reshardable = True
     model = torch.nn.Module()
+    layout = DeepSpeedEngine.layout
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         folder = Path(save_dir) / tag
@@ -200,20 +202,6 @@ def test_write_atomically_leaves_the_old_file_when_writing_fails(tmp_path: Path)
         temp.write_text("step_000")
         raise ZeroDivisionError
     assert target.read_text() == "step_00000001" and [p.name for p in tmp_path.iterdir()] == ["latest"]
-
-
-def test_fsync_tree_flushes_every_file_and_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    for name in ("x.pt", "a/y.pt", "a/b/z.pt"):
-        (tmp_path / name).write_bytes(b"1")
-    flushed: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
-    fileio.fsync_tree(tmp_path)
-    root = tmp_path.resolve()
-    files = [str(root / name) for name in ("x.pt", "a/y.pt", "a/b/z.pt")]
-    assert sorted(flushed[:3]) == sorted(files)  # the files, then the folders deepest first
-    assert flushed[3:] == [str(root / "a" / "b"), str(root / "a"), str(root)]
 
 
 def _unshared_run_dir(rank: int, world_size: int, run: str) -> None:

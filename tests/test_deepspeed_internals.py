@@ -48,6 +48,12 @@ def _save_and_read_back(engine: DeepSpeedEngine, folder: Path, world: int) -> No
     shards = sorted(p.name for p in ckpt.glob(internals.ZERO_SHARD_GLOB))
     assert shards == [internals.zero_shard_file(r) for r in range(world)]
     assert all(re.fullmatch(internals.ZERO_SHARD_PATTERN, name) for name in shards)
+    layout = engine.layout  # the files it names are those DeepSpeed wrote, each with its writer
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(f.name for f in layout.expected_files(ckpt, world))
+    assert sorted(layout.writer(p.name) for p in ckpt.iterdir()) == sorted([0, *range(world)])
+    layout.check(ckpt)
+    whole = layout.read_module(ckpt)  # on the CPU, without the process group
+    assert whole.keys() == engine.model.state_dict().keys()
     with torch.serialization.safe_globals(internals.zero_shard_globals()):  # only these types besides tensors
         torch.load(ckpt / internals.zero_shard_file(0), map_location="cpu", weights_only=True)
     _, client_state = engine.engine.load_checkpoint(str(folder), tag="t", load_module_only=True)

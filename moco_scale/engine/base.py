@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -76,6 +77,33 @@ class StepRollback:
             self.model.queue.undo_enqueue()
 
 
+class CheckpointLayout(ABC):
+    """The files a backend writes into a checkpoint folder, beside moco_scale's rank files, and how to read the
+    module back whole on the CPU without a process group (for export, the probe, inspection)."""
+
+    description: str  # what its files are, for an error naming what a folder lacks
+
+    @abstractmethod
+    def wrote(self, folder: Path) -> bool:
+        """Whether ``folder`` holds any file of this backend's."""
+
+    @abstractmethod
+    def writer(self, name: str) -> int | None:
+        """The rank that writes this backend's file ``name`` (0 for a shared one); ``None``: not its file."""
+
+    @abstractmethod
+    def expected_files(self, folder: Path, world_size: int) -> list[Path]:
+        """Every file this backend's save on ``world_size`` ranks writes into ``folder``."""
+
+    @abstractmethod
+    def check(self, folder: Path) -> None:
+        """Beyond the files' presence: a one-line ``CheckpointError`` for one that is damaged."""
+
+    @abstractmethod
+    def read_module(self, folder: Path) -> dict[str, torch.Tensor]:
+        """Every tensor of the MoCo module (both encoders, heads, queue, BN buffers), whole, on the CPU."""
+
+
 class TrainEngine(ABC):
     """Owns the wrapped model, the optimizer and the precision policy; :meth:`train_step` is the same MoCo
     step on every backend, and a backend supplies its mechanics (forward, backward, finiteness, update).
@@ -87,6 +115,7 @@ class TrainEngine(ABC):
 
     model: MoCo  # the unwrapped module: encoders, head, queue
     optimizer: torch.optim.Optimizer  # what the learning rate is set on
+    layout: CheckpointLayout  # the files its save_checkpoint writes
     step_rollback: StepRollback
     reshardable: bool  # whether its checkpoints resume on another world size
 

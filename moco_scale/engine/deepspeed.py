@@ -9,7 +9,11 @@ which breaks BatchNorm.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +22,11 @@ import torch
 from torch import nn
 
 from moco_scale import profiling
+from moco_scale.checkpoint import CheckpointError
 from moco_scale.distributed.grad_sync import OverlappedGradientAverager
 from moco_scale.engine.base import (
     COMPUTE_DTYPES,
+    CheckpointLayout,
     OptimizerFactory,
     StepRollback,
     TrainEngine,
@@ -29,6 +35,9 @@ from moco_scale.engine.base import (
     optimizer_step_skipped,
 )
 from moco_scale.engine.deepspeed_internals import (
+    MODEL_FILE,
+    ZERO_SHARD_GLOB,
+    ZERO_SHARD_PATTERN,
     autocast_grad_scaler,
     disable_backward_allreduce,
     local_shard,
@@ -144,6 +153,57 @@ class GradientWatch:
         return nonfinite
 
 
+def _whole_zip(file: Path) -> bool:
+    try:
+        with zipfile.ZipFile(file) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return True
+
+
+class DeepSpeedCheckpointLayout(CheckpointLayout):
+    """DeepSpeed's files: rank 0's model file (the whole module under ZeRO 0-2, the optimizer too under
+    ZeRO-0) and, under ZeRO 1-3, one optimizer shard per rank (under ZeRO-3 with its parameter partitions)."""
+
+    description = f"DeepSpeed's {MODEL_FILE}"
+
+    def wrote(self, folder: Path) -> bool:
+        return (folder / MODEL_FILE).is_file() or any(folder.glob(ZERO_SHARD_GLOB))
+
+    def writer(self, name: str) -> int | None:
+        shard = re.fullmatch(ZERO_SHARD_PATTERN, name)
+        return int(shard.group(1)) if shard else (0 if name == MODEL_FILE else None)
+
+    def expected_files(self, folder: Path, world_size: int) -> list[Path]:
+        shards = [folder / zero_shard_file(r) for r in range(world_size)] if any(folder.glob(ZERO_SHARD_GLOB)) else []
+        return [folder / MODEL_FILE, *shards]
+
+    def check(self, folder: Path) -> None:
+        """Each file is a whole ``torch.save`` zip (a truncated one has no directory)."""
+        for file in sorted(folder.glob("*.pt")):
+            if self.writer(file.name) is not None and not _whole_zip(file):
+                raise CheckpointError(f"{file} is truncated or unreadable")
+
+    def read_module(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The model file, read with ``weights_only`` (memory-mapped); under ZeRO-3 the partitions put back
+        together by DeepSpeed's fp32 recovery, which unpickles the shards fully."""
+        file = folder / MODEL_FILE
+        try:
+            states = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except Exception as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+            raise CheckpointError(f"{file}: unreadable or truncated checkpoint file ({reason})") from None
+        if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+            raise CheckpointError(f"{file}: no module state; not a DeepSpeed model file")
+        if states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) != 3:
+            return states["module"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+
+
 class DeepSpeedEngine(TrainEngine):
     """Wraps :class:`MoCo` in ``deepspeed.initialize``; only the query side has trainable parameters.
 
@@ -152,6 +212,8 @@ class DeepSpeedEngine(TrainEngine):
     Under ZeRO-3 both encoders are partitioned alike, so the key encoder's momentum update runs on
     the local partitions (no gather), and ``backbone_factory`` builds the whole copy to evaluate.
     ZeRO-3 checkpoints resume on the world size that wrote them only."""
+
+    layout = DeepSpeedCheckpointLayout()
 
     def __init__(
         self,

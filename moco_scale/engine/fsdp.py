@@ -12,20 +12,28 @@ fp32. (fp16, which needs a loss scaler agreed across shards, is left to the Deep
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from moco_scale.checkpoint import CheckpointError
 from moco_scale.engine.base import (
     COMPUTE_DTYPES,
+    CheckpointLayout,
     OptimizerFactory,
     StepRollback,
     TrainEngine,
@@ -34,6 +42,8 @@ from moco_scale.engine.base import (
 )
 from moco_scale.moco import MoCo, MocoOutput
 from moco_scale.models import ResNet
+
+DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a checkpoint's tensors, written by rank 0
 
 
 def sharding_units(backbone: nn.Module) -> list[nn.Module]:
@@ -62,6 +72,43 @@ def shard_moco(model: MoCo, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
+class DcpCheckpointLayout(CheckpointLayout):
+    """torch.distributed.checkpoint's files: the index ``.metadata`` (rank 0) and ``__<rank>_0.distcp`` per rank."""
+
+    description = "torch.distributed.checkpoint's .metadata"
+
+    def wrote(self, folder: Path) -> bool:
+        return (folder / DCP_INDEX).is_file() or any(folder.glob("*.distcp"))
+
+    def writer(self, name: str) -> int | None:
+        data = re.fullmatch(r"__(\d+)_\d+\.distcp", name)
+        return int(data.group(1)) if data else (0 if name == DCP_INDEX else None)
+
+    def expected_files(self, folder: Path, world_size: int) -> list[Path]:
+        return [folder / DCP_INDEX] + [folder / f"__{r}_0.distcp" for r in range(world_size)]
+
+    def check(self, folder: Path) -> None:
+        """Every byte range that the index names lies inside its file."""
+        try:
+            storage = FileSystemReader(str(folder)).read_metadata().storage_data
+        except Exception:
+            raise CheckpointError(f"{folder / DCP_INDEX} is truncated or unreadable") from None
+        needed: dict[str, int] = {}
+        for info in storage.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in sorted(needed.items()):
+            file = folder / name
+            if not file.is_file() or file.stat().st_size < size:
+                raise CheckpointError(f"{file} is truncated or missing")
+
+    def read_module(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The ``model`` entry, whole, through DCP's reader (which unpickles ``.metadata`` fully)."""
+        self.check(folder)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _load_state_dict_from_keys({"model"}, checkpoint_id=str(folder))["model"]
+
+
 class FSDPEngine(TrainEngine):
     """Shards :class:`MoCo` with FSDP2; only the query side has trainable parameters.
 
@@ -69,6 +116,7 @@ class FSDPEngine(TrainEngine):
     the gathered weights for evaluation."""
 
     reshardable = True
+    layout = DcpCheckpointLayout()
 
     def __init__(
         self,
