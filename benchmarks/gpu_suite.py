@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from moco_scale import profiling
 from moco_scale.config import MocoConfig
 from moco_scale.distributed.comm import init_distributed
 from moco_scale.moco import MoCo, MocoOutput
 from moco_scale.models import build_resnet
+from moco_scale.observe import profiling
 from moco_scale.optim import build_optimizer, linear_scaled_lr
 
 try:

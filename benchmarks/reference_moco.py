@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from moco_scale import profiling
+from moco_scale.observe import profiling
 
 
 def gather_all(tensor: torch.Tensor) -> torch.Tensor:

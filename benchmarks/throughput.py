@@ -24,7 +24,7 @@ Every method first runs ``--warmup`` steps; then ``--rounds`` rounds in which ea
 runs ``--steps`` timed steps (with the stage timer off), after a barrier, so drift of the machine
 falls on all alike. A round's time is the slowest rank's mean ms per step; the median over rounds is
 reported, and pairs/s = global batch / that. Then each method runs ``--profile-steps`` steps with
-``moco_scale.profiling.StageTimer`` on: the breakdown (rank 0's mean ms per step and share per
+``moco_scale.observe.profiling.StageTimer`` on: the breakdown (rank 0's mean ms per step and share per
 stage; every rank's in the JSON). Peak memory per rank: on CUDA ``torch.cuda.max_memory_allocated``
 over each method's profiled steps; on the CPU the process's peak resident set (``ru_maxrss``) at the
 end, which covers every method the rank ran.
@@ -46,10 +46,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_scale import profiling
 from moco_scale.config import Config, ConfigError, load_config, parse_cli_overrides, validate
 from moco_scale.data.loader import resolve_backend
 from moco_scale.distributed.comm import free_port, init_distributed, set_local_rank_env, shutdown_distributed
+from moco_scale.observe import profiling
 from moco_scale.optim import linear_scaled_lr
 from moco_scale.train import build_batches, build_engine, resolve_shards, uses_channels_last
 

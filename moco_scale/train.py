@@ -38,12 +38,12 @@ from moco_scale.engine.base import COMPUTE_DTYPES, TrainEngine
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.eval.knn import KnnMonitor
-from moco_scale.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
+from moco_scale.observe.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
+from moco_scale.observe.plot import STAGE_PREFIX, plot_run
+from moco_scale.observe.profiling import StageTimer
 from moco_scale.optim import build_optimizer, key_momentum, learning_rate, linear_scaled_lr
-from moco_scale.plot import STAGE_PREFIX, plot_run
-from moco_scale.profiling import StageTimer
 from moco_scale.stop import STOP
 
 

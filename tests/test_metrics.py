@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moco_scale.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
+from moco_scale.observe.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
 
 
 def test_chance_loss_is_the_loss_of_equal_logits() -> None:

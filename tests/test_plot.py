@@ -1,11 +1,11 @@
-"""python -m moco_scale.plot RUN_DIR draws metrics.jsonl into metrics.png."""
+"""python -m moco_scale.observe.plot RUN_DIR draws metrics.jsonl into metrics.png."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from moco_scale import plot
+from moco_scale.observe import plot
 
 
 def _write(run_dir: Path, records: list[dict], tail: str = "") -> None:

@@ -7,11 +7,11 @@ import time
 import torch
 from dist_utils import run_ranks
 
-from moco_scale import profiling
 from moco_scale.config import MocoConfig
 from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import build_resnet
+from moco_scale.observe import profiling
 from moco_scale.optim import build_optimizer
 
 MOCO_STAGES = {"query_fwd_bwd", "key_fwd", "ema", "queue_loss"}

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moco_scale import profiling
 from moco_scale.moco import MoCo, MocoOutput
+from moco_scale.observe import profiling
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # engine.precision's
 

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from moco_scale import profiling
 from moco_scale.checkpoint import CheckpointError
 from moco_scale.distributed.grad_sync import OverlappedGradientAverager
 from moco_scale.engine.base import (
@@ -49,6 +48,7 @@ from moco_scale.engine.deepspeed_internals import (
     zero_shard_globals,
 )
 from moco_scale.moco import MoCo, MocoOutput
+from moco_scale.observe import profiling
 
 BUCKET_ELEMENTS = 10_000_000
 

@@ -1,4 +1,4 @@
-"""Plots of a run: ``python -m moco_scale.plot RUN_DIR`` draws ``metrics.jsonl`` into PNGs beside it.
+"""Plots of a run: ``python -m moco_scale.observe.plot RUN_DIR`` draws ``metrics.jsonl`` into PNGs beside it.
 
 - ``metrics.png``: one panel per logged quantity against the step (loss, instance accuracy, learning
   rate, key momentum, pairs/s, kNN top-1, bad samples); the loss panel draws the chance level
@@ -120,7 +120,7 @@ def _plot_step_time(run_dir: Path, records: dict[int, dict]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m moco_scale.plot RUN_DIR", file=sys.stderr)
+        print("usage: python -m moco_scale.observe.plot RUN_DIR", file=sys.stderr)
         return 2
     try:
         print("\n".join(str(path) for path in plot_run(args[0])))
