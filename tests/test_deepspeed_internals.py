@@ -81,6 +81,19 @@ def _internals_hold(rank: int, world: int, folder: str) -> None:
     zero3 = _engine(3, world)
     first = next(zero3.model.encoder_q.parameters())
     assert internals.local_shard(first).numel() * world >= first.ds_numel  # a partition, not the whole
+    zero3.engine.save_checkpoint(str(Path(folder) / "zero3"), tag="t", client_state={}, save_latest=False)
+    torch.distributed.barrier()
+    ckpt = Path(folder) / "zero3" / "t"
+    files = sorted(p.name for p in ckpt.iterdir())  # per rank: its parameter partitions and optimizer shard
+    assert files == sorted(
+        n for r in range(world) for n in (internals.zero3_model_file(r), internals.zero_shard_file(r))
+    )
+    assert files == sorted(f.name for f in zero3.layout.expected_files(ckpt, world))
+    assert sorted(zero3.layout.writer(name) for name in files) == sorted([*range(world)] * 2)
+    if rank == 0:
+        whole = zero3.layout.read_module(ckpt)  # the partitions put together on the CPU
+        assert whole["encoder_q.backbone.conv1.weight"].shape == (64, 3, 7, 7)
+        assert whole.keys() >= {"encoder_k.backbone.conv1.weight", "queue.keys", "queue.ptr"}
 
 
 @pytest.mark.slow

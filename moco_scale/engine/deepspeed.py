@@ -35,6 +35,7 @@ from moco_scale.engine.base import (
 )
 from moco_scale.engine.deepspeed_internals import (
     MODEL_FILE,
+    ZERO3_MODEL_GLOB,
     ZERO_SHARD_GLOB,
     ZERO_SHARD_PATTERN,
     autocast_grad_scaler,
@@ -43,6 +44,7 @@ from moco_scale.engine.deepspeed_internals import (
     refresh_parameter_state_views,
     restore_step_counters,
     skip_cpu_shm_all_reduce,
+    zero3_model_file,
     zero_partitions,
     zero_shard_file,
     zero_shard_globals,
@@ -163,10 +165,11 @@ def _whole_zip(file: Path) -> bool:
 
 
 class DeepSpeedCheckpointLayout(CheckpointLayout):
-    """DeepSpeed's files: rank 0's model file (the whole module under ZeRO 0-2, the optimizer too under
-    ZeRO-0) and, under ZeRO 1-3, one optimizer shard per rank (under ZeRO-3 with its parameter partitions)."""
+    """DeepSpeed's files: under ZeRO 0-2 rank 0's model file (the whole module; under ZeRO-0 the optimizer
+    too), under ZeRO-3 one model file per rank (its parameter partitions) instead; under ZeRO 1-3 one
+    optimizer shard per rank."""
 
-    description = f"DeepSpeed's {MODEL_FILE}"
+    description = "DeepSpeed's *model_states.pt"
 
     def wrote(self, folder: Path) -> bool:
         return (folder / MODEL_FILE).is_file() or any(folder.glob(ZERO_SHARD_GLOB))
@@ -176,7 +179,10 @@ class DeepSpeedCheckpointLayout(CheckpointLayout):
         return int(shard.group(1)) if shard else (0 if name == MODEL_FILE else None)
 
     def expected_files(self, folder: Path, world_size: int) -> list[Path]:
-        shards = [folder / zero_shard_file(r) for r in range(world_size)] if any(folder.glob(ZERO_SHARD_GLOB)) else []
+        ranks = range(world_size)
+        if any(folder.glob(ZERO3_MODEL_GLOB)):
+            return [folder / name for r in ranks for name in (zero3_model_file(r), zero_shard_file(r))]
+        shards = [folder / zero_shard_file(r) for r in ranks] if any(folder.glob(ZERO_SHARD_GLOB)) else []
         return [folder / MODEL_FILE, *shards]
 
     def check(self, folder: Path) -> None:
@@ -186,22 +192,23 @@ class DeepSpeedCheckpointLayout(CheckpointLayout):
                 raise CheckpointError(f"{file} is truncated or unreadable")
 
     def read_module(self, folder: Path) -> dict[str, torch.Tensor]:
-        """The model file, read with ``weights_only`` (memory-mapped); under ZeRO-3 the partitions put back
-        together by DeepSpeed's fp32 recovery, which unpickles the shards fully."""
+        """ZeRO 0-2: the model file, read with ``weights_only`` (memory-mapped). ZeRO-3: the partitions put
+        back together by DeepSpeed's fp32 recovery, which unpickles the files fully."""
+        self.check(folder)
+        if any(folder.glob(ZERO3_MODEL_GLOB)):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
         file = folder / MODEL_FILE
         try:
-            states = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+            states = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
             raise CheckpointError(f"{file}: unreadable or truncated checkpoint file ({reason})") from None
         if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
             raise CheckpointError(f"{file}: no module state; not a DeepSpeed model file")
-        if states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) != 3:
-            return states["module"]
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        return states["module"]
 
 
 class DeepSpeedEngine(TrainEngine):

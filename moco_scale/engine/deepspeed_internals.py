@@ -17,14 +17,20 @@ from typing import Any
 
 import torch
 
-MODEL_FILE = "mp_rank_00_model_states.pt"  # the module (and, under ZeRO-0, the optimizer), written by rank 0
-ZERO_SHARD_GLOB = "zero_pp_rank_*"  # ZeRO 1-3: one optimizer shard per rank
+MODEL_FILE = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the module (ZeRO-0: the optimizer too), written by rank 0
+ZERO_SHARD_GLOB = "zero_pp_rank_*"  # ZeRO 1-3: one optimizer shard per rank; ZeRO-3: a model file per rank too
+ZERO3_MODEL_GLOB = "zero_pp_rank_*_model_states.pt"
 ZERO_SHARD_PATTERN = r"zero_pp_rank_(\d+)_.*"  # the rank that writes a shard, from its name
 
 
 def zero_shard_file(rank: int) -> str:
     """The name of the ZeRO 1-3 optimizer shard that ``rank`` writes."""
     return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def zero3_model_file(rank: int) -> str:
+    """The name of the ZeRO-3 model file that ``rank`` writes (its parameter partitions), in place of MODEL_FILE."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 
 
 def zero_shard_globals() -> list[Any]:
