@@ -17,7 +17,7 @@ import yaml
 
 from moco_scale.data.augment import PRESETS, Augmentation, ViewSpec
 from moco_scale.fileio import write_atomically
-from moco_scale.models import RESNET_SPECS
+from moco_scale.models import ARCHS, VIT_SPECS
 
 
 class ConfigError(ValueError):
@@ -50,9 +50,12 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"
-    width: int = 1  # SimCLR-style width multiplier: resnet50 with width=2 is R50x2
-    small_stem: bool = False  # 3x3 conv stem without max-pool, for 32-96 px images
+    arch: str = "resnet50"  # a ResNet (resnet18 ... resnext101_32x8d) or a ViT (vit_tiny ... vit_huge)
+    width: int = 1  # ResNets: SimCLR-style width multiplier, resnet50 with width=2 is R50x2
+    small_stem: bool = False  # ResNets: 3x3 conv stem without max-pool, for 32-96 px images
+    patch_size: int = 16  # ViTs; data.image_size must be a multiple
+    freeze_patch_embed: bool = True  # ViTs: keep the random patch projection (MoCo v3's stability fix)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     channels_last: bool = True  # GPU: model and views; CPU: the key encoder's input only (faster there)
 
 
@@ -187,7 +190,6 @@ def _dotted_fields(cls: type, prefix: str) -> list[str]:
 
 
 FIELDS = tuple(_dotted_fields(Config, ""))
-ARCHS = tuple(RESNET_SPECS)
 # What a resumed run may change without breaking its exact continuation: where it writes, how it logs and
 # evaluates, how it checkpoints, and how long it waits. Any other field must match the checkpoint's config
 # unless named in checkpoint.allow_changes. (The world size may change too: the checkpoint is re-cut.)
@@ -337,6 +339,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     m, t, o = cfg.moco, cfg.train, cfg.optim
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f"model.arch: unknown arch {cfg.model.arch!r}; choices: {', '.join(ARCHS)}")
+    if cfg.model.arch in VIT_SPECS:
+        if cfg.model.width != 1 or cfg.model.small_stem:
+            raise ConfigError("model.width and model.small_stem are for ResNets; a ViT's size is its arch")
+        if cfg.model.patch_size < 1 or cfg.data.image_size % cfg.model.patch_size:
+            raise ConfigError(
+                f"data.image_size={cfg.data.image_size} must be a multiple of model.patch_size={cfg.model.patch_size}"
+            )
     positive = {
         "model.width": cfg.model.width,
         "moco.dim": m.dim,

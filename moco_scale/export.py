@@ -21,7 +21,13 @@ stripped) as a plain ``state_dict`` of contiguous tensors. It holds no ``fc.*``:
     model.load_state_dict(torch.load("backbone.pt", weights_only=True), strict=True)
 
 (Only ``model.width=1`` with the standard stem has a torchvision counterpart; other backbones
-load into ``moco_scale.models.build_resnet`` the same way.)
+load into ``moco_scale.models.build_resnet`` the same way.) A ViT loads into torchvision's
+``VisionTransformer`` built with its sizes (vit_base: 12 layers, 12 heads, 768 wide, MLP 3072; see
+``moco_scale/models/vit.py``), its ``heads`` an identity, strictly::
+
+    model = torchvision.models.VisionTransformer(224, 16, 12, 12, 768, 3072)
+    model.heads = torch.nn.Identity()
+    model.load_state_dict(torch.load("backbone.pt", weights_only=True), strict=True)
 
 ``--layout fbmoco`` writes fb/moco's checkpoint layout, ``{"state_dict": {"module.encoder_q.<name>":
 tensor}, "arch": <arch>, "epoch": None, "step": <step>}``, with torchvision names for the backbone

@@ -67,12 +67,17 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+NO_DECAY_NAMES = ("class_token", "pos_embedding")  # a ViT's tokens and position embedding are not weights
+
+
 def parameter_groups(model: nn.Module, weight_decay: float, exclude_1d: bool) -> list[dict]:
-    """Trainable parameters, with weight decay off for biases and BN when ``exclude_1d``."""
+    """Trainable parameters, with weight decay off, when ``exclude_1d``, for biases, norms, a ViT's class token
+    and position embedding (AdamW, as MAE and timm do; moco-v3's AdamW decays every parameter)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if exclude_1d and p.ndim <= 1 else decay).append(p)
+            exempt = p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+            (no_decay if exclude_1d and exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -39,7 +39,7 @@ from moco_scale.engine.deepspeed import DeepSpeedEngine
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.eval.knn import KnnMonitor
 from moco_scale.moco import MoCo
-from moco_scale.models import build_resnet
+from moco_scale.models import build_backbone
 from moco_scale.observe.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
 from moco_scale.observe.plot import STAGE_PREFIX, plot_run
 from moco_scale.observe.profiling import StageTimer
@@ -73,7 +73,7 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
     seed_everything(cfg.train.seed)  # the same seed everywhere builds the same model and queue on every rank
 
     def backbone() -> torch.nn.Module:
-        return build_resnet(cfg.model.arch, cfg.model.width, cfg.model.small_stem)
+        return build_backbone(cfg.model, cfg.data.image_size)
 
     model = MoCo(
         backbone(),

@@ -123,6 +123,18 @@ def test_paper_defaults() -> None:
     assert (v3.optim.name, v3.optim.base_lr, v3.optim.warmup_epochs, v3.moco.shuffle_bn) == ("lars", 0.6, 10, "sync")
     assert (v3.moco.dim, v3.moco.mlp_dim) == (256, 4096)
     assert Config().moco.queue_size == 65536 and Config().moco.momentum == 0.999
+    for name, arch in (("mocov3_vit_s.yaml", "vit_small"), ("mocov3_vit_b.yaml", "vit_base")):
+        vit = load_config(CONFIGS / name)
+        assert (vit.model.arch, vit.model.patch_size, vit.model.freeze_patch_embed) == (arch, 16, True)
+        assert (vit.optim.name, vit.optim.base_lr, vit.optim.weight_decay) == ("adamw", 1.5e-4, 0.1)
+        assert (vit.optim.warmup_epochs, vit.train.epochs, vit.train.batch_size * 32) == (40, 300, 4096)
+        assert (vit.moco.version, vit.moco.temperature, vit.moco.momentum, vit.moco.momentum_schedule) == (
+            "v3",
+            0.2,
+            0.99,
+            "cosine",
+        )
+        assert (vit.moco.dim, vit.moco.mlp_dim, vit.data.augmentation, vit.data.image_size) == (256, 4096, "v3", 224)
 
 
 def test_augmentation_starts_from_the_preset_and_takes_both_views_then_one() -> None:

@@ -4,17 +4,18 @@ key-encoder EMA included), and every precision keeps BatchNorm working."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from dist_utils import run_ranks
 from torch.distributed.tensor import DTensor
 
-from moco_scale.config import MocoConfig
+from moco_scale.config import MocoConfig, ModelConfig
 from moco_scale.engine.deepspeed import DeepSpeedEngine
-from moco_scale.engine.fsdp import FSDPEngine, sharding_units
+from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.moco import MoCo
-from moco_scale.models import build_resnet
+from moco_scale.models import build_backbone, build_resnet
 from moco_scale.optim import build_optimizer
 
 
@@ -30,17 +31,23 @@ def _whole_state(model: MoCo, backend: str) -> dict[str, torch.Tensor]:
 
 def _train(rank: int, world: int, precision: str, backend: str, variant: str, out: str) -> None:
     """``variant`` "clip+copy": gradients clipped to norm 1 and the query's BN statistics copied to the key
-    encoder by the momentum update."""
+    encoder by the momentum update; "vit": MoCo v3 on a ViT with activation checkpointing and sync-BN heads."""
     torch.manual_seed(0)
-    cfg = MocoConfig(dim=16, queue_size=64, key_bn_buffers="copy" if variant else "own")
-    model = MoCo(build_resnet("resnet18"), cfg, world_size=world, cuda_graph_ema=False).train()
-    grad_clip = 1.0 if variant else 0.0
+    if variant == "vit":
+        cfg = MocoConfig("v3", dim=16, mlp_dim=32, shuffle_bn="sync")
+        model_cfg = ModelConfig("vit_tiny", patch_size=8, activation_checkpointing=True)
+    else:
+        cfg = MocoConfig(dim=16, queue_size=64, key_bn_buffers="copy" if variant else "own")
+        model_cfg = ModelConfig("resnet18")
+    model = MoCo(build_backbone(model_cfg, 32), cfg, world_size=world, cuda_graph_ema=False).train()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    grad_clip = 1.0 if variant == "clip+copy" else 0.0
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(module, "sgd", lr=0.1)
 
     def backbone() -> torch.nn.Module:
-        return build_resnet("resnet18")
+        return build_backbone(model_cfg, 32)
 
     if backend == "fsdp":
         engine = FSDPEngine(model, make_optimizer, precision, grad_clip, backbone_factory=backbone)
@@ -73,7 +80,7 @@ def _train(rank: int, world: int, precision: str, backend: str, variant: str, ou
         engine.load_checkpoint(f"{out}.ckpt", "t", saved_world_size=world)
         assert scaler.state_dict() == expected
     if rank == 0:
-        torch.save({"state": state, "losses": losses, "features": features}, out)
+        torch.save({"state": state, "losses": losses, "features": features, "initial": initial}, out)
 
 
 RUNS = [
@@ -86,6 +93,9 @@ RUNS = [
     ("fp32", "zero1", "clip+copy"),
     ("fp32", "zero3", "clip+copy"),
     ("fp32", "fsdp", "clip+copy"),
+    ("fp32", "zero0", "vit"),
+    ("fp32", "zero3", "vit"),
+    ("fp32", "fsdp", "vit"),
     ("bf16", "zero2", ""),
     ("bf16", "fsdp", ""),
     ("fp16", "zero0", ""),
@@ -105,7 +115,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, str],
 
 
 AGREEING = [("zero1", ""), ("zero2", ""), ("zero3", ""), ("fsdp", "")]
-AGREEING += [("zero1", "clip+copy"), ("zero3", "clip+copy"), ("fsdp", "clip+copy")]
+AGREEING += [("zero1", "clip+copy"), ("zero3", "clip+copy"), ("fsdp", "clip+copy"), ("zero3", "vit"), ("fsdp", "vit")]
 
 
 @pytest.mark.parametrize(("backend", "variant"), AGREEING)
@@ -118,7 +128,22 @@ def test_backends_agree(runs: dict, backend: str, variant: str) -> None:
         torch.testing.assert_close(ours["state"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(ours["features"], reference["features"], rtol=1e-4, atol=1e-5)
     state = ours["state"]
-    assert not torch.equal(state["encoder_q.backbone.conv1.weight"], state["encoder_k.backbone.conv1.weight"])
+    first = "backbone.encoder.layers.encoder_layer_0.mlp.0.weight" if variant == "vit" else "backbone.conv1.weight"
+    assert not torch.equal(state[f"encoder_q.{first}"], state[f"encoder_k.{first}"])
+
+
+@pytest.mark.parametrize("backend", ["zero0", "zero3", "fsdp"])
+def test_vit_trains_with_its_patch_projection_frozen(runs: dict, backend: str) -> None:
+    """MoCo v3 on vit_tiny: finite losses, the blocks trained, and the random patch projection of both
+    encoders bitwise as it was built (no gradient, no weight decay; the momentum update of equal tensors)."""
+    run = runs["fp32", backend, "vit"]
+    assert all(math.isfinite(loss) for loss in run["losses"])
+    state, initial = run["state"], run["initial"]
+    for encoder in ("encoder_q", "encoder_k"):
+        for name in ("conv_proj.weight", "conv_proj.bias"):
+            assert torch.equal(state[f"{encoder}.backbone.{name}"], initial[f"{encoder}.backbone.{name}"]), name
+    block = "encoder_q.backbone.encoder.layers.encoder_layer_5.self_attention.in_proj_weight"
+    assert not torch.equal(state[block], initial[block])
 
 
 def test_clipping_changed_the_run(runs: dict) -> None:
@@ -161,9 +186,13 @@ def test_a_step_is_a_plain_sgd_step(grad_clip: float) -> None:
     run_ranks(_one_step_against_plain_sgd, 1, grad_clip)
 
 
-def test_the_fsdp_cut_plan_makes_each_residual_block_a_unit() -> None:
-    for arch, blocks in (("resnet18", 8), ("resnet50", 16)):
-        backbone = build_resnet(arch)
-        units = sharding_units(backbone)
-        assert len(units) == blocks and all(type(u).__name__ in ("BasicBlock", "Bottleneck") for u in units)
-    assert sharding_units(torch.nn.Sequential(torch.nn.Linear(4, 4))) == []  # no plan: one unit per encoder
+def test_each_backbone_family_lists_its_blocks_for_the_cut_plan() -> None:
+    for arch, blocks, kind in (
+        ("resnet18", 8, "BasicBlock"),
+        ("resnet50", 16, "Bottleneck"),
+        ("vit_tiny", 6, "EncoderBlock"),
+    ):
+        backbone = build_backbone(ModelConfig(arch), 32 if arch.startswith("vit") else 64)
+        units = backbone.blocks()
+        assert len(units) == blocks and all(type(u).__name__ == kind for u in units)
+        assert len({id(p) for u in units for p in u.parameters()}) < len(list(backbone.parameters()))  # not all

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,8 @@ import torch
 import torchvision
 
 from moco_scale import export
-from moco_scale.models import build_resnet
+from moco_scale.config import ModelConfig
+from moco_scale.models import build_backbone, build_resnet
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORT = ROOT / "launchers" / "export.py"
@@ -126,3 +128,33 @@ def test_missing_path_and_truncated_file_give_one_line_errors(run_dir: Path, tmp
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
         assert message in result.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_vit_run_is_monitored_exported_to_torchvision_and_probed(tmp_path: Path) -> None:
+    """MoCo v3 on vit_tiny through the launcher: the kNN monitor evaluates it, the export loads strictly into
+    torchvision's VisionTransformer with the same feature, and the linear probe trains on it."""
+    run = tmp_path / "vit"
+    vit_flags = ["--model.arch=vit_tiny", "--model.patch_size=8", "--moco.version=v3", "--moco.shuffle_bn=sync"]
+    cmd = [sys.executable, "launchers/pretrain.py", "--config", "configs/demo.yaml", *vit_flags]
+    cmd += ["--train.max_steps=2", "--checkpoint.every_steps=2", "--eval.every_steps=2", "--train.progress=false"]
+    result = subprocess.run([*cmd, f"--train.run_dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "knn_top1" in r) == [0, 2]
+    out = tmp_path / "vit.pt"
+    assert export.main([str(run), str(out)]) == 0
+    tv = torchvision.models.VisionTransformer(32, 8, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768)
+    tv.heads = torch.nn.Identity()
+    tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    ours = build_backbone(ModelConfig("vit_tiny", patch_size=8), 32)
+    ours.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(tv.eval()(images), ours.eval()(images), rtol=1e-5, atol=1e-5)
+    probe_cmd = [sys.executable, "launchers/linear_probe.py", f"--probe.init={run}", "--probe.max_steps=3"]
+    probe_cmd += ["--train.progress=false", f"--probe.run_dir={tmp_path / 'probe'}"]
+    probed = subprocess.run(probe_cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert probed.returncode == 0, probed.stdout[-3000:] + probed.stderr[-3000:]
+    record = json.loads((tmp_path / "probe" / "linear_probe.json").read_text())
+    assert (record["arch"], record["steps"], record["val_samples"]) == ("vit_tiny", 3, 300)

@@ -142,12 +142,12 @@ def test_backbone_from_checkpoint_exported_file_and_fbmoco_layout(tmp_path: Path
     torch.save({"state_dict": fbmoco, "arch": "resnet18"}, tmp_path / "moco.pth.tar")
     for source in (run, run / "checkpoints", run / "checkpoints" / "step_00000002", "backbone.pt", "moco.pth.tar"):
         weights, config = load_backbone(tmp_path / source)
-        backbone = frozen_backbone(ModelConfig("resnet18", small_stem=True), weights)
+        backbone = frozen_backbone(ModelConfig("resnet18", small_stem=True), 32, weights)
         assert all(torch.equal(backbone.state_dict()[k], v) for k, v in state.items()), source
         assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
         assert config.get("model", {}).get("small_stem", True)
     with pytest.raises(WeightsError, match=r"do not fit resnet18 \(width 1, small_stem False\)"):
-        frozen_backbone(ModelConfig("resnet18"), weights)  # the small stem's conv1 is 3x3
+        frozen_backbone(ModelConfig("resnet18"), 32, weights)  # the small stem's conv1 is 3x3
     resolved = probe.resolve(None, {"probe.init": str(run)})
     model, size = resolved.cfg.model, resolved.cfg.data.image_size
     assert (model.arch, model.small_stem, size, resolved.run_dir) == ("resnet18", True, 32, run)  # the run's own

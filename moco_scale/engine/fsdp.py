@@ -1,9 +1,11 @@
 """FSDP2 backend: ``torch.distributed.fsdp.fully_shard`` over both encoders, checkpoints through
 ``torch.distributed.checkpoint`` (sharded on save, re-cut on load, so the world size may change).
 
-Sharding. Every residual block, each encoder's stem and head, and the v3 predictor are FSDP
-units, cut the same way in the query and the key encoder: a key parameter's local shard lines up
-with its query twin's, and the momentum update is a local multi-tensor op on the shards.
+Sharding. The cut plan is the backbone family's own: every block of ``backbone.blocks()`` (a
+ResNet's residual blocks, a ViT's transformer blocks) is an FSDP unit, then each encoder (its stem,
+head and the rest) and the v3 predictor; cut the same way in the query and the key encoder, so a key
+parameter's local shard lines up with its query twin's, and the momentum update is a local
+multi-tensor op on the shards.
 
 Precision policy, as in the DeepSpeed backend: parameters, BN buffers, the queue and the optimizer
 state stay fp32; convolutions and linear layers run in bf16 under ``torch.autocast``; the loss is
@@ -41,20 +43,8 @@ from moco_scale.engine.base import (
     any_nonfinite,
 )
 from moco_scale.moco import MoCo, MocoOutput
-from moco_scale.models import ResNet
 
 DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a checkpoint's tensors, written by rank 0
-
-
-def sharding_units(backbone: nn.Module) -> list[nn.Module]:
-    """The backbone's modules that become FSDP units of their own (the cut plan): a ResNet's residual
-    blocks. A backbone family without a plan here is sharded as one unit with its encoder (correct, but
-    each rank then gathers the whole encoder at once)."""
-    if isinstance(backbone, ResNet):
-        return [
-            block for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for block in stage
-        ]
-    return []
 
 
 def _local_shard(param: nn.Parameter) -> torch.Tensor:
@@ -64,7 +54,7 @@ def _local_shard(param: nn.Parameter) -> torch.Tensor:
 def shard_moco(model: MoCo, mesh) -> None:
     """Make both encoders (block by block), the predictor and the whole module FSDP units."""
     for encoder in (model.encoder_q, model.encoder_k):
-        for unit in sharding_units(encoder.backbone):
+        for unit in encoder.backbone.blocks():  # the backbone family's cut plan
             fully_shard(unit, mesh=mesh)
         fully_shard(encoder, mesh=mesh)
     if model.predictor is not None:

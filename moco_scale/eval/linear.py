@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from moco_scale.config import ModelConfig
 from moco_scale.distributed.comm import world_size
-from moco_scale.models import build_resnet
+from moco_scale.models import build_backbone
 from moco_scale.optim import learning_rate
 from moco_scale.weights import WeightsError
 
@@ -36,12 +36,15 @@ class LinearSchedule:
     warmup_steps: int = 0
 
 
-def frozen_backbone(model: ModelConfig, weights: dict[str, torch.Tensor] | None, seed: int = 0) -> nn.Module:
-    """The backbone ``model`` describes, in eval mode with frozen parameters: ``weights`` loaded strictly, or a
-    random init drawn from ``seed`` (the same on every rank). Weights that do not fit are a one-line error."""
+def frozen_backbone(
+    model: ModelConfig, image_size: int, weights: dict[str, torch.Tensor] | None, seed: int = 0
+) -> nn.Module:
+    """The backbone ``model`` describes, for ``image_size`` px, in eval mode with frozen parameters: ``weights``
+    loaded strictly, or a random init drawn from ``seed`` (the same on every rank). Weights that do not fit are
+    a one-line error."""
     torch.manual_seed(seed)
     arch, width, small_stem = model.arch, model.width, model.small_stem
-    backbone = build_resnet(arch, width, small_stem)
+    backbone = build_backbone(model, image_size)
     if weights is not None:
         expected = backbone.state_dict()
         missing = sorted(expected.keys() - weights.keys())

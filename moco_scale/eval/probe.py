@@ -111,7 +111,7 @@ def resolve(config: str | None, overrides: dict[str, Any]) -> Probe:
         raise ConfigError("probe.val_path is needed: labelled held-out shards to measure the probe on")
     val_shards = _shards("probe.val_path", val_path, "val")
     if weights is not None:
-        frozen_backbone(cfg.model, weights)  # do they fit?
+        frozen_backbone(cfg.model, cfg.data.image_size, weights)  # do they fit?
     num_classes = _num_classes(cfg.probe.num_classes, train_shards, val_shards)
     return Probe(cfg, weights, train_shards, val_shards, num_classes, Path(cfg.probe.run_dir or run_dir))
 
@@ -121,7 +121,7 @@ def run(probe: Probe) -> dict[str, Any]:
     started = time.perf_counter()
     cfg, recipe, size, workers = probe.cfg, probe.cfg.probe, probe.cfg.data.image_size, probe.cfg.data.workers
     ctx = init_distributed(cfg.engine.device)
-    backbone = frozen_backbone(cfg.model, probe.weights, cfg.train.seed).to(ctx.device)
+    backbone = frozen_backbone(cfg.model, size, probe.weights, cfg.train.seed).to(ctx.device)
     head = linear_head(backbone.feature_dim, probe.num_classes, cfg.train.seed).to(ctx.device)
     global_batch = recipe.batch_size * ctx.world_size
     steps_per_epoch = math.ceil(count_samples(probe.train_shards) / global_batch)

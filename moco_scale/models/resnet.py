@@ -2,6 +2,7 @@
 
 The module tree mirrors ``torchvision.models.ResNet`` (conv1, bn1, layer1..4, fc), so a
 width-1, standard-stem backbone's ``state_dict`` loads into torchvision with ``strict=True``.
+Its residual blocks are torchvision's, made :class:`Checkpointable`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,18 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models import resnet as torchvision_resnet
+
+from moco_scale.models.blocks import Checkpointable
+
+
+class BasicBlock(Checkpointable, torchvision_resnet.BasicBlock):
+    """torchvision's two-conv residual block (ResNet-18/34), activation checkpointing optional."""
+
+
+class Bottleneck(Checkpointable, torchvision_resnet.Bottleneck):
+    """torchvision's bottleneck residual block (ResNet-50 and wider), activation checkpointing optional."""
+
 
 # name -> (block, blocks per stage, groups, width per group)
 RESNET_SPECS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int], int, int]] = {
@@ -77,6 +89,10 @@ class ResNet(nn.Module):
         self._inplanes = planes * expansion
         stage += [block(self._inplanes, planes, **self._block_kwargs) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
+
+    def blocks(self) -> list[nn.Module]:
+        """The residual blocks, in order: the units of the FSDP cut plan and of activation checkpointing."""
+        return [block for stage in (self.layer1, self.layer2, self.layer3, self.layer4) for block in stage]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
