@@ -29,6 +29,15 @@ load into ``moco_scale.models.build_resnet`` the same way.) A ViT loads into tor
     model.heads = torch.nn.Identity()
     model.load_state_dict(torch.load("backbone.pt", weights_only=True), strict=True)
 
+``--layout timm`` writes the backbone under timm's names: a ResNet's are torchvision's; a ViT's are
+renamed (``conv_proj`` -> ``patch_embed.proj``, ``class_token`` -> ``cls_token``, ``encoder.pos_embedding``
+-> ``pos_embed``, ``encoder.layers.encoder_layer_<i>`` -> ``blocks.<i>`` with ``norm1``, ``attn.qkv``,
+``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``; ``encoder.ln`` -> ``norm``). It loads strictly into the
+timm model of the same sizes with no classifier::
+
+    model = timm.create_model("vit_base_patch16_224", num_classes=0)   # or "resnet50"
+    model.load_state_dict(torch.load("backbone.pt", weights_only=True), strict=True)
+
 ``--layout fbmoco`` writes fb/moco's checkpoint layout, ``{"state_dict": {"module.encoder_q.<name>":
 tensor}, "arch": <arch>, "epoch": None, "step": <step>}``, with torchvision names for the backbone
 and the projection head under ``module.encoder_q.fc.*`` as in fb/moco. Its ``main_lincls.py
@@ -43,6 +52,7 @@ and the file sizes.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +61,37 @@ import torch
 
 from moco_scale import checkpoint
 from moco_scale.fileio import replacing
+from moco_scale.models import VIT_SPECS
 from moco_scale.weights import BACKBONE, HEAD, WeightsError, read_module, strip
+
+TIMM_VIT_NAMES = (  # (our name pattern, timm's): the ViT's torchvision-style names -> timm's VisionTransformer
+    (r"^conv_proj\.", "patch_embed.proj."),
+    (r"^class_token$", "cls_token"),
+    (r"^encoder\.pos_embedding$", "pos_embed"),
+    (r"^encoder\.ln\.", "norm."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.3\.", r"blocks.\1.mlp.fc2."),
+)
+
+
+def timm_names(backbone: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """The backbone under timm's names (a ResNet's are torchvision's, so unchanged)."""
+    if arch not in VIT_SPECS:
+        return backbone
+    renamed = {}
+    for name, tensor in backbone.items():
+        for pattern, replacement in TIMM_VIT_NAMES:
+            name, found = re.subn(pattern, replacement, name)
+            if found:
+                break
+        else:
+            raise WeightsError(f"{name!r} has no timm counterpart")
+        renamed[name] = tensor
+    return renamed
 
 
 def export(ckpt: Path, out: Path, layout: str) -> str:
@@ -68,6 +108,8 @@ def export(ckpt: Path, out: Path, layout: str) -> str:
             "epoch": int(meta.get("epoch") or 0),  # completed epochs, as fb/moco counts them
             "step": meta.get("step"),
         }
+    elif layout == "timm":
+        payload = timm_names(backbone, arch)
     else:
         payload = backbone
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", help="checkpoint folder, a run's checkpoints folder, or a run directory")
     parser.add_argument("out", nargs="?", help="output file (not with --inspect)")
-    parser.add_argument("--layout", choices=("torchvision", "fbmoco"), default="torchvision")
+    parser.add_argument("--layout", choices=("torchvision", "timm", "fbmoco"), default="torchvision")
     parser.add_argument("--inspect", action="store_true", help="describe the checkpoint instead of exporting")
     args = parser.parse_args(argv)
     if args.inspect == (args.out is not None):

@@ -130,31 +130,68 @@ def test_missing_path_and_truncated_file_give_one_line_errors(run_dir: Path, tmp
     assert not (tmp_path / "out.pt").exists()
 
 
-@pytest.mark.slow
-def test_a_vit_run_is_monitored_exported_to_torchvision_and_probed(tmp_path: Path) -> None:
-    """MoCo v3 on vit_tiny through the launcher: the kNN monitor evaluates it, the export loads strictly into
-    torchvision's VisionTransformer with the same feature, and the linear probe trains on it."""
-    run = tmp_path / "vit"
-    vit_flags = ["--model.arch=vit_tiny", "--model.patch_size=8", "--moco.version=v3", "--moco.shuffle_bn=sync"]
-    cmd = [sys.executable, "launchers/pretrain.py", "--config", "configs/demo.yaml", *vit_flags]
+VIT_FLAGS = ["--model.arch=vit_tiny", "--model.patch_size=8", "--moco.version=v3", "--moco.shuffle_bn=sync"]
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MoCo v3 on vit_tiny through the launcher: 2 steps, a checkpoint and the kNN monitor at 0 and 2."""
+    run = tmp_path_factory.mktemp("export_vit") / "vit"
+    cmd = [sys.executable, "launchers/pretrain.py", "--config", "configs/demo.yaml", *VIT_FLAGS]
     cmd += ["--train.max_steps=2", "--checkpoint.every_steps=2", "--eval.every_steps=2", "--train.progress=false"]
     result = subprocess.run([*cmd, f"--train.run_dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return run
+
+
+def _features(model: torch.nn.Module) -> torch.Tensor:
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def _our_vit(weights: Path) -> torch.nn.Module:
+    ours = build_backbone(ModelConfig("vit_tiny", patch_size=8), 32)
+    ours.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    return ours
+
+
+@pytest.mark.slow
+def test_a_vit_run_is_monitored_exported_to_torchvision_and_probed(vit_run: Path, tmp_path: Path) -> None:
+    """The kNN monitor evaluates the ViT, the export loads strictly into torchvision's VisionTransformer with the
+    same feature, and the linear probe trains on it."""
+    records = [json.loads(line) for line in (vit_run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in records if "knn_top1" in r) == [0, 2]
     out = tmp_path / "vit.pt"
-    assert export.main([str(run), str(out)]) == 0
+    assert export.main([str(vit_run), str(out)]) == 0
     tv = torchvision.models.VisionTransformer(32, 8, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768)
     tv.heads = torch.nn.Identity()
     tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    ours = build_backbone(ModelConfig("vit_tiny", patch_size=8), 32)
-    ours.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(tv.eval()(images), ours.eval()(images), rtol=1e-5, atol=1e-5)
-    probe_cmd = [sys.executable, "launchers/linear_probe.py", f"--probe.init={run}", "--probe.max_steps=3"]
+    torch.testing.assert_close(_features(tv), _features(_our_vit(out)), rtol=1e-5, atol=1e-5)
+    probe_cmd = [sys.executable, "launchers/linear_probe.py", f"--probe.init={vit_run}", "--probe.max_steps=3"]
     probe_cmd += ["--train.progress=false", f"--probe.run_dir={tmp_path / 'probe'}"]
     probed = subprocess.run(probe_cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert probed.returncode == 0, probed.stdout[-3000:] + probed.stderr[-3000:]
     record = json.loads((tmp_path / "probe" / "linear_probe.json").read_text())
     assert (record["arch"], record["steps"], record["val_samples"]) == ("vit_tiny", 3, 300)
+
+
+@pytest.mark.slow
+def test_timm_layout_loads_strictly_into_timm_with_the_same_features(
+    run_dir: Path, vit_run: Path, tmp_path: Path
+) -> None:
+    timm = pytest.importorskip("timm")
+    vit_out, resnet_out, ours_out = tmp_path / "vit_timm.pt", tmp_path / "r18_timm.pt", tmp_path / "vit.pt"
+    assert export.main([str(vit_run), str(vit_out), "--layout", "timm"]) == 0
+    assert export.main([str(vit_run), str(ours_out)]) == 0
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3, num_classes=0
+    )
+    vit.load_state_dict(torch.load(vit_out, weights_only=True), strict=True)
+    torch.testing.assert_close(_features(vit), _features(_our_vit(ours_out)), rtol=1e-5, atol=1e-5)
+    assert export.main([str(run_dir), str(resnet_out), "--layout", "timm"]) == 0
+    resnet = timm.create_model("resnet18", num_classes=0, pretrained=False)
+    resnet.load_state_dict(torch.load(resnet_out, weights_only=True), strict=True)
+    ours = build_resnet("resnet18")
+    ours.load_state_dict(_stored_backbone(run_dir), strict=True)
+    torch.testing.assert_close(_features(resnet), _features(ours), rtol=0, atol=1e-6)
