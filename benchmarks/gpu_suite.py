@@ -1,8 +1,13 @@
-"""ResNet-50 MoCo v2 on one GPU: pairs/s with the stage breakdown, the EMA, and the largest batch that fits.
+"""ResNet-50 MoCo v2 (or, with ``--arch vit_base``, ViT-B/16 MoCo v3) on one GPU: pairs/s with the stage
+breakdown, the EMA, and the largest batch that fits.
 
     bash benchmarks/gpu_suite.sh                      # on the GPU machine (installs the carried wheels)
     python benchmarks/gpu_suite.py --device cpu --tiny --json /tmp/gpu_suite.json   # CPU dry run, same code
     python benchmarks/gpu_suite.py --smoke --json /tmp/gpu_suite.json   # the dry run in CI: 1 round, OOM simulated
+    python benchmarks/gpu_suite.py --smoke --arch vit_base --json /tmp/gpu_suite_vit.json   # its ViT (vit_tiny)
+
+A ViT is built as ``configs/mocov3_vit_b.yaml`` says (4096-wide heads, 256 out, T = 0.2, m = 0.99, AdamW lr
+1.5e-4 x batch / 256, weight decay 0.1, the patch projection frozen), without a queue. For a ResNet:
 
 One process, one device, synthetic views already on it (no data loader). The model is built as
 ``moco_scale.train.build_engine`` builds it for ``configs/mocov2_r50.yaml`` on one rank: MoCo
@@ -38,10 +43,10 @@ from typing import Any
 
 import torch
 
-from moco_scale.config import MocoConfig
+from moco_scale.config import MocoConfig, ModelConfig
 from moco_scale.distributed.comm import init_distributed
 from moco_scale.moco import MoCo, MocoOutput
-from moco_scale.models import build_resnet
+from moco_scale.models import VIT_SPECS, build_backbone
 from moco_scale.observe import profiling
 from moco_scale.optim import build_optimizer, linear_scaled_lr
 
@@ -54,14 +59,35 @@ except ModuleNotFoundError:  # run as ``python benchmarks/gpu_suite.py``: the sc
     from ema import bench_device
     from throughput import measure_methods, summarise_method
 
-GOAL_PAIRS_PER_S = 7000
+GOAL_PAIRS_PER_S = {"resnet50": 7000, "vit_base": 1500}  # issue goals, per H100/H200, compute only
 TINY = {"arch": "resnet18", "image_size": 32, "batch": 16, "queue": 1024, "max_batch_limit": 128}
+TINY_VIT = {**TINY, "arch": "vit_tiny", "patch_size": 8}
+
+
+def is_vit(arch: str) -> bool:
+    return arch in VIT_SPECS
+
+
+def moco_settings(args: argparse.Namespace) -> MocoConfig:
+    """ResNets: MoCo v2 as configs/mocov2_r50.yaml. ViTs: MoCo v3 as configs/mocov3_vit_b.yaml (4096-wide heads,
+    256 out, T = 0.2, m = 0.99; on one device the heads' SyncBN is plain BN); a --tiny ViT has 256-wide heads."""
+    if is_vit(args.arch):
+        return MocoConfig("v3", dim=256, mlp_dim=256 if args.tiny else 4096, momentum=0.99, shuffle_bn="none")
+    return MocoConfig(queue_size=args.queue)
+
+
+def optimizer_for(module: torch.nn.Module, args: argparse.Namespace, lr: float, device: torch.device):
+    """SGD (MoCo v2) or, for a ViT, AdamW with weight decay 0.1 (MoCo v3's), from ``build_optimizer``."""
+    if is_vit(args.arch):
+        return build_optimizer(module, "adamw", lr, weight_decay=0.1, device_type=device.type)
+    return build_optimizer(module, "sgd", lr, 0.9, 1e-4, device_type=device.type)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--arch", default="resnet50", help="a ResNet (MoCo v2) or a ViT (MoCo v3), e.g. vit_base")
+    parser.add_argument("--patch-size", type=int, default=16, help="ViTs")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--queue", type=int, default=65536, help="K")
@@ -83,8 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.tiny, args.device = True, "cpu"
     if args.tiny:
-        args.arch, args.image_size, args.batch = TINY["arch"], TINY["image_size"], TINY["batch"]
-        args.queue, args.max_batch_limit = TINY["queue"], TINY["max_batch_limit"]
+        tiny = TINY_VIT if is_vit(args.arch) else TINY
+        args.arch, args.image_size, args.batch = tiny["arch"], tiny["image_size"], tiny["batch"]
+        args.queue, args.max_batch_limit = tiny["queue"], tiny["max_batch_limit"]
+        args.patch_size = tiny.get("patch_size", args.patch_size)
         args.steps, args.warmup, args.rounds, args.profile_steps, args.ema_steps = 2, 1, 2, 2, 3
         args.batch_granularity = 16
         if args.smoke:
@@ -135,10 +163,11 @@ class PlainEngine:
 def build(args: argparse.Namespace, device: torch.device, world_size: int) -> tuple[MoCo, dict[str, Any], float]:
     """The model on ``device`` and its engines: ``engine`` (DeepSpeed if it imports) and ``plain``."""
     torch.manual_seed(0)
-    model = MoCo(build_resnet(args.arch), MocoConfig(queue_size=args.queue), world_size=world_size)
+    backbone = build_backbone(ModelConfig(args.arch, patch_size=args.patch_size), args.image_size)
+    model = MoCo(backbone, moco_settings(args), world_size=world_size)
     channels_last = device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
-    lr = linear_scaled_lr(0.03, args.batch)
+    lr = linear_scaled_lr(1.5e-4 if is_vit(args.arch) else 0.03, args.batch)  # the recipes' base lr per 256
     engines: dict[str, Any] = {}
     notes: list[str] = []
     if not args.no_deepspeed and world_size:
@@ -146,13 +175,13 @@ def build(args: argparse.Namespace, device: torch.device, world_size: int) -> tu
             from moco_scale.engine.deepspeed import DeepSpeedEngine
 
             def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
-                return build_optimizer(module, "sgd", lr, 0.9, 1e-4, device_type=device.type)
+                return optimizer_for(module, args, lr, device)
 
             engines["engine"] = DeepSpeedEngine(model, make_optimizer, args.precision, 0, args.batch, world_size)
         except Exception as exc:  # DeepSpeed missing or broken here: say so and go on without it
             notes.append(f"DeepSpeed unavailable ({type(exc).__name__}: {exc}); timing the step without it")
             traceback.print_exc()
-    plain_optimizer = build_optimizer(model, "sgd", lr, 0.9, 1e-4, device_type=device.type)
+    plain_optimizer = optimizer_for(model, args, lr, device)
     engines["plain"] = PlainEngine(model, plain_optimizer, args.precision, device)
     if "engine" not in engines:
         engines["engine"] = engines["plain"]
@@ -228,7 +257,8 @@ def max_batch_phase(
     args: argparse.Namespace, engine: Any, lr: float, device: torch.device, deadline: float
 ) -> dict[str, Any]:
     granularity = args.batch_granularity
-    limit = min(args.max_batch_limit, args.queue)  # a global batch larger than K is a config error
+    # a global batch larger than K is a config error (v1/v2); v3 has no queue
+    limit = args.max_batch_limit if is_vit(args.arch) else min(args.max_batch_limit, args.queue)
     trials: list[dict[str, Any]] = []
 
     def trial(batch: int) -> bool:
@@ -270,6 +300,7 @@ def max_batch_phase(
 
 def print_summary(payload: dict[str, Any]) -> None:
     rows: list[list[object]] = []
+    goal = GOAL_PAIRS_PER_S.get(payload["args"]["arch"])
     tp = payload.get("throughput", {})
     for name, s in tp.items():
         rows.append([f"pairs/s, {name}", s["pairs_per_s"]])
@@ -283,9 +314,8 @@ def print_summary(payload: dict[str, Any]) -> None:
             for stage, ms in s["breakdown_ms"].items()
         ]
         rows.append(["peak memory MB, engine", s["peak_memory_mb_by_rank"][0]])
-        rows.append(
-            [f"goal >= {GOAL_PAIRS_PER_S} pairs/s", "met" if s["pairs_per_s"] >= GOAL_PAIRS_PER_S else "not met"]
-        )
+        if goal is not None:
+            rows.append([f"goal >= {goal} pairs/s", "met" if s["pairs_per_s"] >= goal else "not met"])
     ema = payload.get("ema")
     if ema:
         rows += [[f"EMA ms, {name}", ms] for name, ms in ema["ms"].items()]
@@ -325,8 +355,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         params_query=sum(p.numel() for p in model.encoder_q.parameters()),
     )
     layout = "channels_last" if device.type == "cuda" else "NCHW"
+    recipe = "MoCo v3" if is_vit(args.arch) else f"MoCo v2, K = {args.queue}"
     payload["title"] = (
-        f"gpu_suite: {args.arch} MoCo v2, {args.image_size} px, batch {args.batch}, K = {args.queue}, "
+        f"gpu_suite: {args.arch} {recipe}, {args.image_size} px, batch {args.batch}, "
         f"{args.precision}, {layout}, synthetic views on {device}; engine: {payload['engine']}"
     )
     print(payload["title"], flush=True)
@@ -353,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_json(args.json, payload)
     if "throughput" in payload and "engine" in payload["throughput"]:
         payload["pairs_per_s_compute"] = payload["throughput"]["engine"]["pairs_per_s"]
-        payload["goal_met"] = payload["pairs_per_s_compute"] >= GOAL_PAIRS_PER_S
+        goal = GOAL_PAIRS_PER_S.get(args.arch)
+        payload["goal_met"] = None if goal is None else payload["pairs_per_s_compute"] >= goal
     payload["wall_s"] = time.monotonic() - start
     write_json(args.json, payload)
     print_summary(payload)

@@ -91,3 +91,14 @@ def test_quality_resume_keeps_finished_runs_and_runs_only_the_rest(
     assert trained == [("ours-dali", 0)]
     assert payload["summary"]["divergent"]["ref-pil"]["last_loss"] == pytest.approx(5.5)  # mean of the last losses
     assert payload["summary"]["divergent"]["ours-dali"]["last_loss"] == pytest.approx(3.5)
+
+
+def test_gpu_suite_dry_run_of_the_vit(tmp_path: Path) -> None:
+    """``--arch vit_base`` (issue 15's GPU row) in its CPU dry run: MoCo v3 on vit_tiny, every phase."""
+    out = tmp_path / "vit.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--arch", "vit_base"]
+    result = subprocess.run([*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert payload["title"].startswith("gpu_suite: vit_tiny MoCo v3") and payload["pairs_per_s_compute"] > 0
+    assert payload["max_batch"]["largest_batch_that_fits"] == 24 and not payload.get("failed")
