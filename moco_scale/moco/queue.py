@@ -34,6 +34,20 @@ class _Ring(nn.Module):
         ring.index_copy_(0, slots, keys)
         self.ptr.copy_((self.ptr + keys.shape[0]) % ring.shape[0])
 
+    @staticmethod
+    def init_rule(module: nn.Module, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> bool:
+        """K random unit keys (the papers' initial queue), the pointer at 0; a sharded queue takes its rank's
+        slice of the same K keys, so the slices of all ranks are the replicated queue."""
+        if not isinstance(module, _Ring):
+            return False
+        ring = "shard" if "shard" in tensors else "keys"
+        dim = tensors[ring].shape[1]
+        keys = F.normalize(torch.randn(module.size, dim, generator=generator), dim=1)
+        own = tensors[ring].shape[0]
+        tensors[ring].copy_(keys[rank() * own : (rank() + 1) * own] if ring == "shard" else keys)
+        tensors["ptr"].zero_()
+        return True
+
     def undo_enqueue(self) -> None:
         """Put back the keys and the pointer that the last enqueue overwrote (once)."""
         if self._undo is not None:
@@ -102,8 +116,9 @@ class ShardedKeyQueue(_Ring):
     each rank scores them against its slice, the softmax denominator comes from
     :func:`distributed_logsumexp`, and each rank keeps its own queries' rows, whose positive logit
     only it holds. The loss and the gradient of each rank's queries equal those of the replicated
-    queue. Each rank draws its initial slice from its own seed, so the slices are distinct. The
-    slice differs between ranks, so a checkpoint stores it per rank (``rank_local``).
+    queue. Each rank draws its initial slice from its own seed, so the slices are distinct
+    (``init_rule`` redraws them as slices of one replicated queue's keys). The slice differs between
+    ranks, so a checkpoint stores it per rank (``rank_local``).
     """
 
     rank_local = True  # each rank's slice is its own: checkpoints store it per rank

@@ -1,6 +1,7 @@
 """Backbones by family: ResNets (``resnet.py``) and Vision Transformers (``vit.py``). Each returns pooled
-features of ``feature_dim`` and lists its repeated ``blocks()`` (the FSDP cut plan and the units of
-activation checkpointing); :func:`build_backbone` builds one from the ``model`` config section."""
+features of ``feature_dim``, lists its repeated ``blocks()`` (the FSDP cut plan and the units of activation
+checkpointing) and has an ``init_rule`` (its initialisation by name, ``init.py``); :func:`build_backbone`
+builds one from the ``model`` config section."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from moco_scale.models.init import initialise
 from moco_scale.models.resnet import RESNET_SPECS, ResNet, build_resnet
 from moco_scale.models.vit import VIT_SPECS, VisionTransformer, build_vit
 
@@ -17,14 +19,17 @@ if TYPE_CHECKING:
 ARCHS = (*RESNET_SPECS, *VIT_SPECS)
 
 
-def build_backbone(model: ModelConfig, image_size: int) -> ResNet | VisionTransformer:
-    """The backbone ``model`` names, for ``image_size`` px inputs (a ViT's position embedding depends on it)."""
+def build_backbone(model: ModelConfig, image_size: int, seed: int | None = 0) -> ResNet | VisionTransformer:
+    """The backbone ``model`` names, for ``image_size`` px inputs (a ViT's position embedding depends on it),
+    initialised from ``seed`` (``None``: left for the caller to initialise, e.g. when built on the meta device)."""
     if model.arch in VIT_SPECS:
         backbone: nn.Module = build_vit(model.arch, image_size, model.patch_size, model.freeze_patch_embed)
     else:
         backbone = build_resnet(model.arch, model.width, model.small_stem)
     for block in backbone.blocks():
         block.activation_checkpointing = model.activation_checkpointing
+    if seed is not None:
+        initialise(backbone, seed, [backbone.init_rule])
     return backbone
 
 
