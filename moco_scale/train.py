@@ -75,17 +75,20 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
     def backbone() -> torch.nn.Module:
         return build_backbone(cfg.model, cfg.data.image_size)
 
-    model = MoCo(
-        backbone(),
-        cfg.moco,
-        world_size=ctx.world_size,
-        cuda_graph_ema=cfg.engine.cuda_graph_ema,
-        shuffle_seed=cfg.train.seed,
-        key_channels_last=cfg.model.channels_last,
-    )
-    # FSDP2 shards contiguous parameters only; convolutions still take channels-last views as they come.
-    channels_last = uses_channels_last(cfg, ctx) and cfg.engine.backend != "fsdp"
-    model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    sharded = cfg.engine.backend == "fsdp"  # built on the meta device, then each rank draws its shards only
+    with torch.device("meta") if sharded else contextlib.nullcontext():
+        model = MoCo(
+            backbone(),
+            cfg.moco,
+            world_size=ctx.world_size,
+            cuda_graph_ema=cfg.engine.cuda_graph_ema,
+            shuffle_seed=cfg.train.seed,
+            key_channels_last=cfg.model.channels_last,
+        )
+    if not sharded:  # the same values a sharded build draws (models/init.py)
+        model.initialise(cfg.train.seed)
+        channels_last = uses_channels_last(cfg, ctx)
+        model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         o = cfg.optim
@@ -95,7 +98,10 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
 
     precision = cfg.engine.resolved_precision(ctx.device.type)
     if cfg.engine.backend == "fsdp":
-        return model, FSDPEngine(model, make_optimizer, precision, cfg.optim.grad_clip, backbone_factory=backbone)
+        # FSDP2 shards contiguous parameters only; convolutions still take channels-last views as they come.
+        materialise = (ctx.device, cfg.train.seed)
+        engine = FSDPEngine(model, make_optimizer, precision, cfg.optim.grad_clip, backbone, materialise=materialise)
+        return model, engine
     engine = DeepSpeedEngine(
         model,
         make_optimizer,

@@ -23,6 +23,7 @@ from moco_scale.moco.batchnorm import convert_batchnorm
 from moco_scale.moco.loss import in_batch_info_nce
 from moco_scale.moco.momentum import LocalShard, MomentumUpdater
 from moco_scale.moco.queue import KeyQueue, ShardedKeyQueue
+from moco_scale.models.init import ShardWriter, initialise
 
 
 class MocoOutput(NamedTuple):
@@ -103,6 +104,19 @@ class MoCo(nn.Module):
         self.cuda_graph_ema = cuda_graph_ema
         self._updater: MomentumUpdater | None = None
         self._local_shard: LocalShard | None = None
+
+    def initialise(self, seed: int, writer: ShardWriter | None = None) -> None:
+        """Every tensor drawn anew from ``seed`` by name (``moco_scale/models/init.py``), written whole or, with a
+        sharding backend's ``writer``, into this rank's shards. The key encoder starts as the query encoder: it
+        is drawn under the query's names."""
+        for encoder in (self.encoder_q, self.encoder_k):
+            backbone = encoder.backbone
+            initialise(backbone, seed, [backbone.init_rule], writer, prefix="encoder_q.backbone.")
+            initialise(encoder.head, seed, [], writer, prefix="encoder_q.head.")
+        if self.predictor is not None:
+            initialise(self.predictor, seed, [], writer, prefix="predictor.")
+        if self.queue is not None:
+            initialise(self.queue, seed, [self.queue.init_rule], writer, prefix="queue.")
 
     def use_local_shards(self, local_shard: LocalShard) -> None:
         """Set by a sharding backend: the momentum update then runs on each parameter's local shard."""

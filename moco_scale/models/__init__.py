@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from moco_scale.models.init import initialise
 from moco_scale.models.resnet import RESNET_SPECS, ResNet, build_resnet
 from moco_scale.models.vit import VIT_SPECS, VisionTransformer, build_vit
 
@@ -19,17 +18,14 @@ if TYPE_CHECKING:
 ARCHS = (*RESNET_SPECS, *VIT_SPECS)
 
 
-def build_backbone(model: ModelConfig, image_size: int, seed: int | None = 0) -> ResNet | VisionTransformer:
-    """The backbone ``model`` names, for ``image_size`` px inputs (a ViT's position embedding depends on it),
-    initialised from ``seed`` (``None``: left for the caller to initialise, e.g. when built on the meta device)."""
+def build_backbone(model: ModelConfig, image_size: int) -> ResNet | VisionTransformer:
+    """The backbone ``model`` names, for ``image_size`` px inputs (a ViT's position embedding depends on it)."""
     if model.arch in VIT_SPECS:
         backbone: nn.Module = build_vit(model.arch, image_size, model.patch_size, model.freeze_patch_embed)
     else:
         backbone = build_resnet(model.arch, model.width, model.small_stem)
     for block in backbone.blocks():
         block.activation_checkpointing = model.activation_checkpointing
-    if seed is not None:
-        initialise(backbone, seed, [backbone.init_rule])
     return backbone
 
 

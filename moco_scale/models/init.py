@@ -71,3 +71,11 @@ def initialise(
             raise TypeError(f"no initialisation rule for {prefix + name} ({type(module).__name__})")
         for key, tensor in own.items():
             writer.write(tensor, values[key])
+
+
+def initialise_from_torch_seed(module: nn.Module, rules: Sequence[Rule]) -> None:
+    """A constructor's last step: :func:`initialise` from a seed drawn from torch's global generator, so that
+    ``torch.manual_seed`` decides the values as for any torch module; nothing on the meta device."""
+    if any(tensor.is_meta for tensor in chain(module.parameters(), module.buffers())):
+        return
+    initialise(module, int(torch.randint(2**31, (), device="cpu")), rules)

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models import resnet as torchvision_resnet
 
 from moco_scale.models.blocks import Checkpointable
+from moco_scale.models.init import initialise_from_torch_seed
 
 
 class BasicBlock(Checkpointable, torchvision_resnet.BasicBlock):
@@ -73,6 +74,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Identity()
         self.feature_dim = self._inplanes
+        initialise_from_torch_seed(self, [self.init_rule])
 
     def _make_stage(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
         expansion = block.expansion  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moco_scale.models.blocks import Checkpointable
+from moco_scale.models.init import initialise_from_torch_seed
 
 # name -> (width, blocks, heads)
 VIT_SPECS: dict[str, tuple[int, int, int]] = {
@@ -111,6 +112,7 @@ class VisionTransformer(nn.Module):
         self.encoder = Encoder(image_size // patch_size, width, blocks, heads)
         self.feature_dim = width
         self.conv_proj.requires_grad_(not freeze_patch_embed)
+        initialise_from_torch_seed(self, [self.init_rule])
 
     @staticmethod
     def init_rule(module: nn.Module, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> bool:
