@@ -80,3 +80,29 @@ def _sharded_build_matches(rank: int, world: int, name: str) -> None:
 @pytest.mark.parametrize("name", list(SETUPS))
 def test_fsdp_draws_each_shard_to_the_whole_builds_values(name: str) -> None:
     run_ranks(_sharded_build_matches, 2, name)
+
+
+def _zero3_build_matches(rank: int, world: int, name: str) -> None:
+    import deepspeed
+
+    from moco_scale.engine.deepspeed import build_partitioned, deepspeed_config
+
+    whole = _moco(name, world)
+    whole.initialise(seed=3)
+    expected = {k: v.clone() for k, v in whole.state_dict().items()}
+    model_cfg, moco_cfg = SETUPS[name]
+
+    def build() -> MoCo:
+        backbone, key_backbone = build_backbone(model_cfg, 32), build_backbone(model_cfg, 32)
+        return MoCo(backbone, moco_cfg, world_size=world, cuda_graph_ema=False, key_backbone=key_backbone)
+
+    model = build_partitioned(build, deepspeed_config("fp32", 3, 4, world), seed=3)
+    assert all(p.numel() == 0 for p in model.parameters())  # partitioned as built: no rank holds them whole
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_zero3_builds_partitioned_with_the_whole_builds_values(name: str) -> None:
+    run_ranks(_zero3_build_matches, 2, name)
