@@ -35,7 +35,7 @@ from moco_scale.data.loader import Batch, LoaderLayout, backend_of, remap_state,
 from moco_scale.data.shards import DataError, StreamSpec, count_samples, list_shards
 from moco_scale.distributed.comm import DistInfo, init_distributed, leave_if_groups_linger, shutdown_distributed
 from moco_scale.engine.base import COMPUTE_DTYPES, TrainEngine
-from moco_scale.engine.deepspeed import DeepSpeedEngine
+from moco_scale.engine.deepspeed import DeepSpeedEngine, build_partitioned, deepspeed_config
 from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.eval.knn import KnnMonitor
 from moco_scale.moco import MoCo
@@ -75,17 +75,32 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
     def backbone() -> torch.nn.Module:
         return build_backbone(cfg.model, cfg.data.image_size)
 
-    model = MoCo(
-        backbone(),
-        cfg.moco,
-        world_size=ctx.world_size,
-        cuda_graph_ema=cfg.engine.cuda_graph_ema,
-        shuffle_seed=cfg.train.seed,
-        key_channels_last=cfg.model.channels_last,
-    )
-    # FSDP2 shards contiguous parameters only; convolutions still take channels-last views as they come.
-    channels_last = uses_channels_last(cfg, ctx) and cfg.engine.backend != "fsdp"
-    model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    def moco(key_backbone: torch.nn.Module | None = None) -> MoCo:
+        return MoCo(
+            backbone(),
+            cfg.moco,
+            world_size=ctx.world_size,
+            cuda_graph_ema=cfg.engine.cuda_graph_ema,
+            shuffle_seed=cfg.train.seed,
+            key_channels_last=cfg.model.channels_last,
+            key_backbone=key_backbone,
+        )
+
+    # No rank builds the whole model where the backend shards the parameters: FSDP2 builds on the meta device
+    # and draws each shard; ZeRO-3 partitions as it builds. Elsewhere the whole build draws the same values.
+    precision = cfg.engine.resolved_precision(ctx.device.type)
+    zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
+    if cfg.engine.backend == "fsdp":
+        with torch.device("meta"):
+            model = moco()
+    elif zero3:
+        config = deepspeed_config(precision, 3, cfg.train.batch_size, ctx.world_size, cfg.optim.grad_clip)
+        model = build_partitioned(lambda: moco(key_backbone=backbone()), config, cfg.train.seed)
+    else:
+        model = moco()
+        model.initialise(cfg.train.seed)
+        channels_last = uses_channels_last(cfg, ctx)
+        model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         o = cfg.optim
@@ -93,9 +108,11 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
             module, o.name, peak_lr, o.momentum, o.weight_decay, o.betas, o.trust_coefficient, ctx.device.type
         )
 
-    precision = cfg.engine.resolved_precision(ctx.device.type)
     if cfg.engine.backend == "fsdp":
-        return model, FSDPEngine(model, make_optimizer, precision, cfg.optim.grad_clip, backbone_factory=backbone)
+        # FSDP2 shards contiguous parameters only; convolutions still take channels-last views as they come.
+        materialise = (ctx.device, cfg.train.seed)
+        engine = FSDPEngine(model, make_optimizer, precision, cfg.optim.grad_clip, backbone, materialise=materialise)
+        return model, engine
     engine = DeepSpeedEngine(
         model,
         make_optimizer,

@@ -40,16 +40,19 @@ from moco_scale.engine.deepspeed_internals import (
     ZERO_SHARD_PATTERN,
     autocast_grad_scaler,
     disable_backward_allreduce,
+    is_zero3_partitioned,
     local_shard,
     refresh_parameter_state_views,
     restore_step_counters,
     skip_cpu_shm_all_reduce,
+    zero3_full_shape,
     zero3_model_file,
     zero_partitions,
     zero_shard_file,
     zero_shard_globals,
 )
 from moco_scale.moco import MoCo, MocoOutput
+from moco_scale.models.init import ShardWriter
 from moco_scale.observe import profiling
 
 BUCKET_ELEMENTS = 10_000_000
@@ -153,6 +156,37 @@ class GradientWatch:
         nonfinite = any_nonfinite(self.norms)
         self.norms = []
         return nonfinite
+
+
+class ZeroPartitionWriter(ShardWriter):
+    """Writes a full initial value into this rank's ZeRO-3 partition: a slice of the flattened parameter,
+    ``ceil(numel / world)`` long, the last one padded with zeros. Buffers are not partitioned."""
+
+    def shape(self, tensor: torch.Tensor) -> torch.Size:
+        return zero3_full_shape(tensor) if is_zero3_partitioned(tensor) else tensor.shape
+
+    def write(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        if not is_zero3_partitioned(tensor):
+            tensor.copy_(value)
+            return
+        part = local_shard(tensor)
+        start = torch.distributed.get_rank() * part.numel()
+        piece = value.flatten()[start : start + part.numel()]
+        part.zero_()
+        part[: piece.numel()].copy_(piece)
+
+
+def build_partitioned(build: Callable[[], MoCo], config: dict[str, Any], seed: int) -> MoCo:
+    """ZeRO-3 without the whole model on any rank: ``build`` runs under ``deepspeed.zero.Init`` (each
+    parameter partitioned as it is created), then every rank draws its partitions (``MoCo.initialise``),
+    the values a whole build initialised from ``seed`` has."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # joins the existing group
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = build()
+    model.initialise(seed, ZeroPartitionWriter())
+    return model
 
 
 def _whole_zip(file: Path) -> bool:

@@ -60,6 +60,15 @@ def local_shard(param: torch.nn.Parameter) -> torch.Tensor:
     return param.ds_tensor
 
 
+def zero3_full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """The whole shape of a ZeRO-3 parameter (its ``data`` is empty while it is partitioned)."""
+    return param.ds_shape
+
+
+def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "ds_tensor")
+
+
 def disable_backward_allreduce(engine: Any) -> None:
     """Keep a ZeRO-0 engine from averaging the gradients after backward (we average them during it)."""
     engine.enable_backward_allreduce = False

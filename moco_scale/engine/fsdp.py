@@ -43,6 +43,7 @@ from moco_scale.engine.base import (
     any_nonfinite,
 )
 from moco_scale.moco import MoCo, MocoOutput
+from moco_scale.models.init import ShardWriter
 
 DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a checkpoint's tensors, written by rank 0
 
@@ -60,6 +61,20 @@ def shard_moco(model: MoCo, mesh) -> None:
     if model.predictor is not None:
         fully_shard(model.predictor, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+class DTensorWriter(ShardWriter):
+    """Writes a full initial value into this rank's FSDP2 shard: dim-0 chunks, as ``fully_shard`` cuts them."""
+
+    def write(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        if not isinstance(tensor, DTensor):
+            tensor.copy_(value)  # buffers are not sharded
+            return
+        mesh = tensor.device_mesh
+        chunks = value.chunk(mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        local = tensor.to_local()
+        local.copy_(chunks[rank] if rank < len(chunks) else value[:0])
 
 
 class DcpCheckpointLayout(CheckpointLayout):
@@ -103,7 +118,9 @@ class FSDPEngine(TrainEngine):
     """Shards :class:`MoCo` with FSDP2; only the query side has trainable parameters.
 
     ``backbone_factory`` builds the whole query backbone that :meth:`query_backbone` fills with
-    the gathered weights for evaluation."""
+    the gathered weights for evaluation. With ``materialise=(device, seed)`` the model was built on the
+    meta device: it is sharded there, then each rank allocates its shards on ``device`` and draws them
+    (``MoCo.initialise``), the same values as a whole build initialised from ``seed``."""
 
     reshardable = True
     layout = DcpCheckpointLayout()
@@ -115,15 +132,20 @@ class FSDPEngine(TrainEngine):
         precision: str,
         grad_clip: float = 0.0,
         backbone_factory: Callable[[], nn.Module] | None = None,
+        *,
+        materialise: tuple[torch.device, int] | None = None,
     ):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"the FSDP backend runs fp32 or bf16, not {precision!r}")
-        device = next(model.parameters()).device
+        device = materialise[0] if materialise else next(model.parameters()).device
         # Single-process shuffle-BN (SplitBatchNorm) hands blocks a view; no block writes in place to
         # its input, so FSDP's warning about in-place ops on returned views does not apply.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         self.model = model
         shard_moco(model, init_device_mesh(device.type, (torch.distributed.get_world_size(),)))
+        if materialise is not None:  # built on the meta device: each rank allocates and draws its shards only
+            model.to_empty(device=device)
+            model.initialise(materialise[1], DTensorWriter())
         model.use_local_shards(_local_shard)
         self.optimizer = make_optimizer(model)
         self.autocast_dtype = None if precision == "fp32" else COMPUTE_DTYPES[precision]

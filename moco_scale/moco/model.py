@@ -23,6 +23,7 @@ from moco_scale.moco.batchnorm import convert_batchnorm
 from moco_scale.moco.loss import in_batch_info_nce
 from moco_scale.moco.momentum import LocalShard, MomentumUpdater
 from moco_scale.moco.queue import KeyQueue, ShardedKeyQueue
+from moco_scale.models.init import ShardWriter, initialise
 
 
 class MocoOutput(NamedTuple):
@@ -68,6 +69,8 @@ class MoCo(nn.Module):
         shuffle_seed: seed of the shared key permutation.
         key_channels_last: feed the key encoder channels-last images (its no-grad forward is ~1.2x
             faster so on the CPU, where the query's forward + backward is not).
+        key_backbone: a second build of the backbone for the key encoder, where copying the query
+            encoder is not possible (under ``deepspeed.zero.Init``); call :meth:`initialise` before use.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class MoCo(nn.Module):
         cuda_graph_ema: bool = True,
         shuffle_seed: int = 0,
         key_channels_last: bool = False,
+        key_backbone: nn.Module | None = None,
     ):
         super().__init__()
         self.version = cfg.version
@@ -87,15 +91,21 @@ class MoCo(nn.Module):
         self.shuffle_seed = shuffle_seed
         self.key_channels_last = key_channels_last
         feature_dim, hidden_dim = backbone.feature_dim, cfg.mlp_dim or backbone.feature_dim
-        self.encoder_q = nn.Sequential()
-        self.encoder_q.add_module("backbone", backbone)
-        self.encoder_q.add_module("head", projection_head(cfg.version, feature_dim, hidden_dim, cfg.dim))
         device = next(backbone.parameters()).device
-        convert_batchnorm(self.encoder_q, cfg.shuffle_bn, world_size, cfg.bn_groups, device)
+
+        def encoder(trunk: nn.Module) -> nn.Sequential:
+            built = nn.Sequential()
+            built.add_module("backbone", trunk)
+            built.add_module("head", projection_head(cfg.version, feature_dim, hidden_dim, cfg.dim))
+            return convert_batchnorm(built, cfg.shuffle_bn, world_size, cfg.bn_groups, device)
+
+        self.encoder_q = encoder(backbone)
         self.predictor = mlp(cfg.dim, hidden_dim, cfg.dim, layers=2, last_bn=False) if cfg.version == "v3" else None
         if self.predictor is not None:
             convert_batchnorm(self.predictor, cfg.shuffle_bn, world_size, cfg.bn_groups, device)
-        self.encoder_k = copy.deepcopy(self.encoder_q)
+        # ZeRO-3 partitions parameters as they are created, and a copy of partitioned ones is unusable: there
+        # the key encoder is a second build, and initialise() makes it the query encoder's equal.
+        self.encoder_k = encoder(key_backbone) if key_backbone is not None else copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         queue_type = ShardedKeyQueue if cfg.shard_queue else KeyQueue
         self.queue = queue_type(cfg.queue_size, cfg.dim) if cfg.version != "v3" else None
@@ -103,6 +113,19 @@ class MoCo(nn.Module):
         self.cuda_graph_ema = cuda_graph_ema
         self._updater: MomentumUpdater | None = None
         self._local_shard: LocalShard | None = None
+
+    def initialise(self, seed: int, writer: ShardWriter | None = None) -> None:
+        """Every tensor drawn anew from ``seed`` by name (``moco_scale/models/init.py``), written whole or, with a
+        sharding backend's ``writer``, into this rank's shards. The key encoder starts as the query encoder: it
+        is drawn under the query's names."""
+        for encoder in (self.encoder_q, self.encoder_k):
+            backbone = encoder.backbone
+            initialise(backbone, seed, [backbone.init_rule], writer, prefix="encoder_q.backbone.")
+            initialise(encoder.head, seed, [], writer, prefix="encoder_q.head.")
+        if self.predictor is not None:
+            initialise(self.predictor, seed, [], writer, prefix="predictor.")
+        if self.queue is not None:
+            initialise(self.queue, seed, [self.queue.init_rule], writer, prefix="queue.")
 
     def use_local_shards(self, local_shard: LocalShard) -> None:
         """Set by a sharding backend: the momentum update then runs on each parameter's local shard."""

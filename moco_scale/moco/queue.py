@@ -17,6 +17,7 @@ from moco_scale.distributed.comm import (
     world_size,
 )
 from moco_scale.moco.loss import queue_info_nce
+from moco_scale.models.init import initialise_from_torch_seed
 
 
 class _Ring(nn.Module):
@@ -33,6 +34,20 @@ class _Ring(nn.Module):
         self._undo = (ring, slots, ring[slots], self.ptr.clone())
         ring.index_copy_(0, slots, keys)
         self.ptr.copy_((self.ptr + keys.shape[0]) % ring.shape[0])
+
+    @staticmethod
+    def init_rule(module: nn.Module, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> bool:
+        """K random unit keys (the papers' initial queue), the pointer at 0; a sharded queue takes its rank's
+        slice of the same K keys, so the slices of all ranks are the replicated queue."""
+        if not isinstance(module, _Ring):
+            return False
+        ring = "shard" if "shard" in tensors else "keys"
+        dim = tensors[ring].shape[1]
+        keys = F.normalize(torch.randn(module.size, dim, generator=generator), dim=1)
+        own = tensors[ring].shape[0]
+        tensors[ring].copy_(keys[rank() * own : (rank() + 1) * own] if ring == "shard" else keys)
+        tensors["ptr"].zero_()
+        return True
 
     def undo_enqueue(self) -> None:
         """Put back the keys and the pointer that the last enqueue overwrote (once)."""
@@ -54,8 +69,9 @@ class KeyQueue(_Ring):
 
     def __init__(self, size: int, dim: int):
         super().__init__()
-        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("keys", torch.empty(size, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        initialise_from_torch_seed(self, [self.init_rule])
 
     @property
     def size(self) -> int:
@@ -102,8 +118,8 @@ class ShardedKeyQueue(_Ring):
     each rank scores them against its slice, the softmax denominator comes from
     :func:`distributed_logsumexp`, and each rank keeps its own queries' rows, whose positive logit
     only it holds. The loss and the gradient of each rank's queries equal those of the replicated
-    queue. Each rank draws its initial slice from its own seed, so the slices are distinct. The
-    slice differs between ranks, so a checkpoint stores it per rank (``rank_local``).
+    queue. Each rank starts with its own slice of one draw of K keys (``init_rule``). The slice differs
+    between ranks, so a checkpoint stores it per rank (``rank_local``).
     """
 
     rank_local = True  # each rank's slice is its own: checkpoints store it per rank
@@ -113,10 +129,9 @@ class ShardedKeyQueue(_Ring):
         world = world_size()
         if size % world:
             raise ValueError(f"queue size {size} is not divisible by the {world} ranks")
-        seed = int(torch.randint(2**62, ())) + rank()  # same draw on every rank, distinct slices
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("shard", F.normalize(torch.randn(size // world, dim, generator=generator), dim=1))
+        self.register_buffer("shard", torch.empty(size // world, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        initialise_from_torch_seed(self, [self.init_rule])  # the same seed on every rank, distinct slices
 
     @property
     def size(self) -> int:

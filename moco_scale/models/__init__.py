@@ -1,6 +1,7 @@
 """Backbones by family: ResNets (``resnet.py``) and Vision Transformers (``vit.py``). Each returns pooled
-features of ``feature_dim`` and lists its repeated ``blocks()`` (the FSDP cut plan and the units of
-activation checkpointing); :func:`build_backbone` builds one from the ``model`` config section."""
+features of ``feature_dim``, lists its repeated ``blocks()`` (the FSDP cut plan and the units of activation
+checkpointing) and has an ``init_rule`` (its initialisation by name, ``init.py``); :func:`build_backbone`
+builds one from the ``model`` config section."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models import resnet as torchvision_resnet
 
 from moco_scale.models.blocks import Checkpointable
+from moco_scale.models.init import initialise_from_torch_seed
 
 
 class BasicBlock(Checkpointable, torchvision_resnet.BasicBlock):
@@ -73,9 +74,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Identity()
         self.feature_dim = self._inplanes
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        initialise_from_torch_seed(self, [self.init_rule])
 
     def _make_stage(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
         expansion = block.expansion  # type: ignore[attr-defined]
@@ -89,6 +88,14 @@ class ResNet(nn.Module):
         self._inplanes = planes * expansion
         stage += [block(self._inplanes, planes, **self._block_kwargs) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
+
+    @staticmethod
+    def init_rule(module: nn.Module, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> bool:
+        """torchvision's ResNet initialisation: convolutions He-normal over their outputs (BN as PyTorch's)."""
+        if not isinstance(module, nn.Conv2d):
+            return False
+        nn.init.kaiming_normal_(tensors["weight"], mode="fan_out", nonlinearity="relu", generator=generator)
+        return True
 
     def blocks(self) -> list[nn.Module]:
         """The residual blocks, in order: the units of the FSDP cut plan and of activation checkpointing."""

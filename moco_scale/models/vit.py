@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moco_scale.models.blocks import Checkpointable
+from moco_scale.models.init import initialise_from_torch_seed
 
 # name -> (width, blocks, heads)
 VIT_SPECS: dict[str, tuple[int, int, int]] = {
@@ -110,22 +111,35 @@ class VisionTransformer(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, width))
         self.encoder = Encoder(image_size // patch_size, width, blocks, heads)
         self.feature_dim = width
-        self._initialise(patch_size, width)
         self.conv_proj.requires_grad_(not freeze_patch_embed)
+        initialise_from_torch_seed(self, [self.init_rule])
 
-    def _initialise(self, patch_size: int, width: int) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.MultiheadAttention):  # q, k and v as three width x width matrices
-                bound = math.sqrt(6.0 / (width + width))
-                nn.init.uniform_(module.in_proj_weight, -bound, bound)
-                nn.init.zeros_(module.in_proj_bias)
-        bound = math.sqrt(6.0 / (3 * patch_size * patch_size + width))
-        nn.init.uniform_(self.conv_proj.weight, -bound, bound)
-        nn.init.zeros_(self.conv_proj.bias)
-        nn.init.normal_(self.class_token, std=1e-6)
+    @staticmethod
+    def init_rule(module: nn.Module, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> bool:
+        """moco-v3's initialisation, from each tensor's shape: linear layers Xavier-uniform with zero bias; the
+        fused q/k/v projection with one width x width matrix's bound; the patch projection Xavier-uniform over
+        its 3 x p x p inputs with zero bias; the class token N(0, 1e-6); the sin-cos position embedding."""
+        if isinstance(module, nn.Conv2d):  # the patch projection, a ViT's only convolution
+            width, inputs = tensors["weight"].shape[0], tensors["weight"][0].numel()
+            bound = math.sqrt(6.0 / (inputs + width))
+            nn.init.uniform_(tensors["weight"], -bound, bound, generator=generator)
+            tensors["bias"].zero_()
+        elif isinstance(module, nn.MultiheadAttention):
+            width = tensors["in_proj_weight"].shape[1]
+            bound = math.sqrt(6.0 / (width + width))  # q, k and v as three width x width matrices
+            nn.init.uniform_(tensors["in_proj_weight"], -bound, bound, generator=generator)
+            tensors["in_proj_bias"].zero_()
+        elif isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(tensors["weight"], generator=generator)
+            tensors["bias"].zero_()
+        elif isinstance(module, VisionTransformer):
+            nn.init.normal_(tensors["class_token"], std=1e-6, generator=generator)
+        elif isinstance(module, Encoder):
+            positions, width = tensors["pos_embedding"].shape[1:]
+            tensors["pos_embedding"].copy_(sincos_position_embedding(math.isqrt(positions - 1), width))
+        else:
+            return False
+        return True
 
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks, in order: the units of the FSDP cut plan and of activation checkpointing."""
