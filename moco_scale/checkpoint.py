@@ -440,6 +440,16 @@ def check_world_size(path: Path, world_size: int) -> None:
         )
 
 
+def whole_torch_file(file: Path) -> bool:
+    """Whether ``file`` is a whole ``torch.save`` zip (a truncated one has no directory)."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return True
+
+
 def engine_layout(path: Path) -> CheckpointLayout:
     """The file layout of the backend that wrote checkpoint folder ``path``."""
     from moco_scale.engine import checkpoint_layouts
@@ -460,11 +470,8 @@ def check_loadable(path: Path) -> None:
     if not rank_files:
         raise CheckpointError(f"{path}: no rank_*.pt files; not a moco_scale checkpoint or an incomplete one")
     for file in rank_files:
-        try:
-            with zipfile.ZipFile(file) as archive:  # torch.save's format: a truncated file has no directory
-                archive.infolist()
-        except (zipfile.BadZipFile, OSError):
-            raise CheckpointError(f"{file} is truncated or unreadable") from None
+        if not whole_torch_file(file):
+            raise CheckpointError(f"{file} is truncated or unreadable")
     metas = [_load_plain(file) for file in rank_files]
     if not all(isinstance(meta, dict) and "world_size" in meta for meta in metas):
         raise CheckpointError(f"{path}: a rank_*.pt file is not a moco_scale rank file")

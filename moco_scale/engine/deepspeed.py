@@ -13,7 +13,6 @@ import contextlib
 import io
 import logging
 import re
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moco_scale.checkpoint import CheckpointError
+from moco_scale.checkpoint import CheckpointError, whole_torch_file
 from moco_scale.distributed.grad_sync import OverlappedGradientAverager
 from moco_scale.engine.base import (
     COMPUTE_DTYPES,
@@ -189,15 +188,6 @@ def build_partitioned(build: Callable[[], MoCo], config: dict[str, Any], seed: i
     return model
 
 
-def _whole_zip(file: Path) -> bool:
-    try:
-        with zipfile.ZipFile(file) as archive:
-            archive.infolist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return True
-
-
 class DeepSpeedCheckpointLayout(CheckpointLayout):
     """DeepSpeed's files: under ZeRO 0-2 rank 0's model file (the whole module; under ZeRO-0 the optimizer
     too), under ZeRO-3 one model file per rank (its parameter partitions) instead; under ZeRO 1-3 one
@@ -222,7 +212,7 @@ class DeepSpeedCheckpointLayout(CheckpointLayout):
     def check(self, folder: Path) -> None:
         """Each file is a whole ``torch.save`` zip (a truncated one has no directory)."""
         for file in sorted(folder.glob("*.pt")):
-            if self.writer(file.name) is not None and not _whole_zip(file):
+            if self.writer(file.name) is not None and not whole_torch_file(file):
                 raise CheckpointError(f"{file} is truncated or unreadable")
 
     def read_module(self, folder: Path) -> dict[str, torch.Tensor]:

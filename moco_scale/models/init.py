@@ -78,6 +78,8 @@ def initialise_from_torch_seed(module: nn.Module, rules: Sequence[Rule]) -> None
     ``torch.manual_seed`` decides the values as for any torch module. Nothing is drawn where there is nothing
     to draw into: on the meta device, or under ZeRO-3's ``zero.Init`` (parameters partitioned, empty here);
     their builder initialises them on the shards."""
-    if any(p.is_meta or p.numel() == 0 for p in module.parameters()):
+    if any(t.is_meta for t in chain(module.parameters(), module.buffers())):
+        return
+    if any(p.numel() == 0 for p in module.parameters()):
         return
     initialise(module, int(torch.randint(2**31, (), device="cpu")), rules)
