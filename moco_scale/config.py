@@ -108,6 +108,9 @@ class EngineConfig:
     zero_stage: int = 0  # deepspeed: 0-3 (3 shards the parameters, as fsdp does)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cuda_graph_ema: bool = True
+    # fsdp and ZeRO-3: build on the meta device / under zero.Init so no rank holds the whole model, each drawing
+    # its shards to the whole build's values; false: every rank builds the whole model first, then it is sharded
+    sharded_build: bool = True
     timeout_s: int = 600  # collectives: a rank that died or hangs ends the job after this long (NCCL, gloo)
 
     def resolved_precision(self, device_type: str) -> str:

@@ -86,14 +86,16 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
             key_backbone=key_backbone,
         )
 
-    # No rank builds the whole model where the backend shards the parameters: FSDP2 builds on the meta device
-    # and draws each shard; ZeRO-3 partitions as it builds. Elsewhere the whole build draws the same values.
+    # Where the backend shards the parameters, no rank builds the whole model (engine.sharded_build): FSDP2 builds
+    # on the meta device and draws each shard; ZeRO-3 partitions as it builds. Elsewhere the whole build draws the
+    # same values.
     precision = cfg.engine.resolved_precision(ctx.device.type)
-    zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
-    if cfg.engine.backend == "fsdp":
+    shards_parameters = cfg.engine.backend == "fsdp" or cfg.engine.zero_stage == 3
+    sharded_build = cfg.engine.sharded_build and shards_parameters
+    if sharded_build and cfg.engine.backend == "fsdp":
         with torch.device("meta"):
             model = moco()
-    elif zero3:
+    elif sharded_build:
         config = deepspeed_config(precision, 3, cfg.train.batch_size, ctx.world_size, cfg.optim.grad_clip)
         model = build_partitioned(lambda: moco(key_backbone=backbone()), config, cfg.train.seed)
     else:
@@ -110,7 +112,7 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
 
     if cfg.engine.backend == "fsdp":
         # FSDP2 shards contiguous parameters only; convolutions still take channels-last views as they come.
-        materialise = (ctx.device, cfg.train.seed)
+        materialise = (ctx.device, cfg.train.seed) if sharded_build else None
         engine = FSDPEngine(model, make_optimizer, precision, cfg.optim.grad_clip, backbone, materialise=materialise)
         return model, engine
     engine = DeepSpeedEngine(

@@ -106,3 +106,49 @@ def _zero3_build_matches(rank: int, world: int, name: str) -> None:
 @pytest.mark.parametrize("name", list(SETUPS))
 def test_zero3_builds_partitioned_with_the_whole_builds_values(name: str) -> None:
     run_ranks(_zero3_build_matches, 2, name)
+
+
+def _full_state(model: MoCo) -> dict[str, torch.Tensor]:
+    """The whole module's values on every rank, from FSDP2's DTensors or ZeRO-3's partitions."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params) if params else torch.no_grad():
+        state = model.state_dict()
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in state.items()}
+
+
+def _switch_builds_alike(rank: int, world: int, backend: str) -> None:
+    from moco_scale.config import Config
+    from moco_scale.distributed.comm import DistInfo
+    from moco_scale.train import build_engine
+
+    model_cfg, moco_cfg = SETUPS["vit_tiny"]
+    cfg = Config(model=model_cfg, moco=moco_cfg)
+    cfg.engine.backend, cfg.engine.zero_stage, cfg.engine.precision = backend, 3, "fp32"
+    cfg.engine.cuda_graph_ema, cfg.train.seed = False, 5
+    ctx = DistInfo(rank, world, rank, world, torch.device("cpu"))
+    writers: list[str] = []  # how each build drew its values: on the shards (a writer) or whole (none)
+    initialise = MoCo.initialise
+
+    def spy(self: MoCo, seed: int, writer: object = None) -> None:
+        writers.append(type(writer).__name__)
+        initialise(self, seed, writer)
+
+    MoCo.initialise = spy
+    states = []
+    for sharded in (True, False):
+        cfg.engine.sharded_build = sharded
+        model, _ = build_engine(cfg, ctx, peak_lr=0.1)
+        states.append(_full_state(model))
+    MoCo.initialise = initialise
+    assert writers == [{"fsdp": "DTensorWriter", "deepspeed": "ZeroPartitionWriter"}[backend], "NoneType"]
+    assert states[0].keys() == states[1].keys()
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_build_engine_starts_from_the_same_values_built_sharded_or_whole(backend: str) -> None:
+    """``engine.sharded_build=false`` (the whole model on every rank, then sharded) is the same start."""
+    run_ranks(_switch_builds_alike, 2, backend)
