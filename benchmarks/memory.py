@@ -1,24 +1,28 @@
-"""Per-rank memory of MoCo v2 training under each backend: ResNet-50 x1/x2/x4, DeepSpeed ZeRO-0/2/3 and FSDP2.
+"""Per-rank memory of MoCo training under each backend: ResNet-50 x1/x2/x4 (MoCo v2) and ViT-B/L/H (MoCo v3),
+DeepSpeed ZeRO-0/2/3 and FSDP2, with and without activation checkpointing and sharded construction.
 
     python benchmarks/memory.py [--archs resnet50x1,resnet50x2,resnet50x4] [--backends zero0,zero2,zero3,fsdp]
-                                [--image-size 32] [--batch 2] [--json PATH] [--smoke]
+                                [--checkpointing off,on] [--builds sharded,whole] [--image-size 32] [--batch 2]
+                                [--fit-gib 80] [--json PATH] [--smoke]
 
-Every (arch, backend) runs in a fresh pair of gloo ranks on the CPU (one torch thread each), at a
-small input size, so the figures are the model state's: parameters of both encoders, gradients,
-optimizer state and the backend's own buffers (DeepSpeed's flat fp32 master and gradient
-partitions), with small activations.
+Every row is the launcher's own model and engine (``moco_scale.train.build_engine``) for the arch's recipe,
+``configs/mocov2_r50.yaml`` or ``configs/mocov3_vit_b.yaml``, in fp32, each in a fresh pair of gloo ranks on
+the CPU (one torch thread each), at a small input unless ``--image-size`` says otherwise: the figures are then
+the model state's (parameters of both encoders, gradients, optimizer state, the backend's own buffers), with
+small activations.
 
-Per rank it reports
+Per rank (the larger of the two) it reports
 - ``params_local_mib``: the bytes of the parameters this rank holds (both encoders, local shards);
-- ``train_peak_mib``: the peak resident set while training (sampled every 2 ms over the steps,
-  which include the first optimizer step that allocates its state) above the resident set of
-  the bare process before the model was built;
-- ``init_peak_mib``: the peak resident set up to the end of the engine's set-up, above the same
-  base: the model is built whole on every rank before the backend shards it (no meta-device or
-  ``zero.Init`` construction yet), so this is where a model too large for one rank fails.
+- ``train_peak_mib``: the peak resident set while training (sampled every 2 ms over the steps, which include
+  the first optimizer step that allocates its state) above the resident set of the bare process;
+- ``init_peak_mib``: the same up to the end of the engine's set-up. ``--builds whole`` builds the whole model
+  on every rank before the backend shards it (``engine.sharded_build=false``); ``sharded`` (the default under
+  FSDP2 and ZeRO-3) builds on the meta device or under ``zero.Init``. ZeRO-0/2 always build whole.
 
-A configuration whose ZeRO-0 estimate (5 copies of the query encoder's fp32 parameters, per rank,
-2 ranks) exceeds ``--mem-budget-gib`` is skipped and reported as such.
+For each (backend, checkpointing, build) it fits ``peak = a + b x backbone parameters`` over the archs of a
+family it measured and reports the largest backbone whose training peak fits ``--fit-gib`` per rank at this
+input size and batch. A row whose estimate (``ESTIMATE_BYTES_PER_PARAM``) would overrun ``--mem-budget-gib``
+for both ranks together is skipped and reported as such.
 """
 
 from __future__ import annotations
@@ -27,56 +31,98 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
+import statistics
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_scale.config import MocoConfig
-from moco_scale.distributed.comm import free_port, join_local_gloo, shutdown_distributed
-from moco_scale.engine.deepspeed import DeepSpeedEngine
-from moco_scale.engine.fsdp import FSDPEngine
+from moco_scale.config import Config, load_config
+from moco_scale.distributed.comm import DistInfo, free_port, join_local_gloo, shutdown_distributed
 from moco_scale.moco import MoCo
-from moco_scale.models import build_resnet
-from moco_scale.optim import build_optimizer
+from moco_scale.models import build_backbone
+from moco_scale.train import build_engine
 
 try:
     from benchmarks._common import environment, format_table, write_json
 except ModuleNotFoundError:  # run as ``python benchmarks/memory.py``: the script's folder is on sys.path
     from _common import environment, format_table, write_json
 
+ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 MIB = 2**20
-ARCHS = {"resnet18": ("resnet18", 1), "resnet50x1": ("resnet50", 1), "resnet50x2": ("resnet50", 2)}
-ARCHS["resnet50x4"] = ("resnet50", 4)
-BACKENDS = ("zero0", "zero2", "zero3", "fsdp")
+# name -> (recipe, model overrides)
+ARCHS: dict[str, tuple[str, dict[str, object]]] = {
+    "resnet18": ("mocov2_r50.yaml", {"model.arch": "resnet18"}),
+    "resnet50x1": ("mocov2_r50.yaml", {"model.arch": "resnet50", "model.width": 1}),
+    "resnet50x2": ("mocov2_r50.yaml", {"model.arch": "resnet50", "model.width": 2}),
+    "resnet50x4": ("mocov2_r50.yaml", {"model.arch": "resnet50", "model.width": 4}),
+    "vit_tiny": ("mocov3_vit_b.yaml", {"model.arch": "vit_tiny"}),
+    "vit_base": ("mocov3_vit_b.yaml", {"model.arch": "vit_base"}),
+    "vit_large": ("mocov3_vit_b.yaml", {"model.arch": "vit_large"}),
+    "vit_huge": ("mocov3_vit_b.yaml", {"model.arch": "vit_huge", "model.patch_size": 14}),
+}
+BACKENDS = {"zero0": ("deepspeed", 0), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "fsdp": ("fsdp", 0)}
+# Rough fp32 bytes a rank holds per query-side parameter while training, 2 ranks: both encoders' parameters,
+# the gradients and the optimizer state, whole (ZeRO-0) or halved.
+ESTIMATE_BYTES_PER_PARAM = {"zero0": 4 * 5.0, "zero2": 4 * 3.5, "zero3": 4 * 2.5, "fsdp": 4 * 2.5}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--archs", default="resnet50x1,resnet50x2,resnet50x4", help=f"comma-separated: {list(ARCHS)}")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated: {list(BACKENDS)}")
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument(
+        "--checkpointing", default="off", help="comma-separated: off,on (model.activation_checkpointing)"
+    )
+    parser.add_argument("--builds", default="sharded", help="comma-separated: sharded,whole (engine.sharded_build)")
+    parser.add_argument("--image-size", type=int, default=32, help="ViTs: a multiple of the patch (14 for vit_huge)")
     parser.add_argument("--batch", type=int, default=2, help="images per rank")
     parser.add_argument("--steps", type=int, default=2, help="training steps sampled for the peak")
     parser.add_argument("--mem-budget-gib", type=float, default=18.0, help="skip what would not fit in this")
+    parser.add_argument("--fit-gib", type=float, default=80.0, help="per-rank memory for the largest-model column")
     parser.add_argument("--json", default="", help="write the results here")
-    parser.add_argument("--smoke", action="store_true", help="ResNet-18, ZeRO-0 and FSDP, one step: that it runs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="vit_tiny: ZeRO-0, FSDP2 built sharded and whole; one step"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
-        args.archs, args.backends, args.steps = "resnet18", "zero0,fsdp", 1
-    for name in args.archs.split(","):
-        if name not in ARCHS:
-            parser.error(f"unknown arch {name!r}; choices: {', '.join(ARCHS)}")
-    for name in args.backends.split(","):
-        if name not in BACKENDS:
-            parser.error(f"unknown backend {name!r}; choices: {', '.join(BACKENDS)}")
+        args.archs, args.backends, args.steps, args.builds = "vit_tiny", "zero0,fsdp", 1, "sharded,whole"
+    choices = {"archs": ARCHS, "backends": BACKENDS, "checkpointing": ("off", "on"), "builds": ("sharded", "whole")}
+    for option, allowed in choices.items():
+        for name in getattr(args, option).split(","):
+            if name not in allowed:
+                parser.error(f"--{option}: unknown {name!r}; choices: {', '.join(allowed)}")
     return args
+
+
+def row_config(arch: str, backend: str, checkpointing: str, build: str, args: argparse.Namespace) -> Config:
+    """The arch's recipe, on this backend, fp32, at the benchmark's input size and batch."""
+    recipe, model = ARCHS[arch]
+    engine, stage = BACKENDS[backend]
+    size = args.image_size
+    if arch.startswith("vit"):  # the nearest multiple of the patch, so one size serves ViT-B/16 and ViT-H/14
+        patch = int(model.get("model.patch_size", 16))
+        size = max(patch, round(size / patch) * patch)
+    overrides = {
+        **model,
+        "model.activation_checkpointing": checkpointing == "on",
+        "engine.backend": engine,
+        "engine.zero_stage": stage,
+        "engine.sharded_build": build == "sharded",
+        "engine.precision": "fp32",
+        "engine.cuda_graph_ema": False,
+        "data.image_size": size,
+        "train.batch_size": args.batch,
+    }
+    return load_config(ROOT / "configs" / recipe, overrides)
 
 
 def _rss() -> int:
@@ -112,41 +158,31 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _local_param_bytes(model: MoCo, backend: str) -> int:
+def _local_param_bytes(model: MoCo) -> int:
     total = 0
     for p in model.parameters():
-        local = p.ds_tensor if backend == "zero3" else (p.to_local() if hasattr(p, "to_local") else p)
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p)
         total += local.numel() * local.element_size()
     return total
 
 
-def _rank(rank: int, port: int, arch: str, backend: str, args: argparse.Namespace, out: str) -> None:
+def _rank(rank: int, port: int, cfg: Config, steps: int, out: str) -> None:
     join_local_gloo(rank, WORLD, port)
+    ctx = DistInfo(rank, WORLD, rank, WORLD, torch.device("cpu"))
     _release_freed_memory()
     base = _rss()
     with PeakSampler() as init:
-        torch.manual_seed(0)
-        name, width = ARCHS[arch]
-        model = MoCo(build_resnet(name, width), MocoConfig(queue_size=4096), world_size=WORLD, cuda_graph_ema=False)
-
-        def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
-            return build_optimizer(module, "sgd", lr=0.03)
-
-        if backend == "fsdp":
-            engine = FSDPEngine(model, make_optimizer, "fp32")
-        else:
-            stage = int(backend.removeprefix("zero"))
-            engine = DeepSpeedEngine(model, make_optimizer, "fp32", stage, args.batch, WORLD)
+        model, engine = build_engine(cfg, ctx, peak_lr=1e-4)
         _release_freed_memory()
     g = torch.Generator().manual_seed(rank)
-    size = args.image_size
-    views = [torch.randn(args.batch, 3, size, size, generator=g) for _ in range(2)]
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    views = [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)]
     started = time.perf_counter()
     with PeakSampler() as train:
-        for step in range(args.steps):
-            engine.train_step(*views, lr=0.03, momentum=0.999, step=step)
-    step_s = (time.perf_counter() - started) / args.steps
-    peaks = torch.tensor([init.peak - base, train.peak - base, _local_param_bytes(model, backend)], dtype=torch.float64)
+        for step in range(steps):
+            engine.train_step(*views, lr=1e-4, momentum=0.99, step=step)
+    step_s = (time.perf_counter() - started) / steps
+    peaks = torch.tensor([init.peak - base, train.peak - base, _local_param_bytes(model)], dtype=torch.float64)
     gathered = [torch.zeros_like(peaks) for _ in range(WORLD)]
     dist.all_gather(gathered, peaks)
     if rank == 0:
@@ -158,51 +194,104 @@ def _rank(rank: int, port: int, arch: str, backend: str, args: argparse.Namespac
     shutdown_distributed()
 
 
-def measure(arch: str, backend: str, args: argparse.Namespace, attempts: int = 2) -> dict[str, float]:
+def measure(cfg: Config, steps: int, attempts: int = 2) -> dict[str, float]:
     """One fresh pair of ranks; a pair that dies (seen rarely: a native abort at exit) is run again."""
     for attempt in range(1, attempts + 1):
         with tempfile.TemporaryDirectory() as tmp:
             out = f"{tmp}/result.pt"
             try:
-                mp.spawn(_rank, args=(free_port(), arch, backend, args, out), nprocs=WORLD, join=True)
+                mp.spawn(_rank, args=(free_port(), cfg, steps, out), nprocs=WORLD, join=True)
                 return {**torch.load(out), "attempts": attempt}
             except mp.ProcessExitedException as err:
-                print(f"{arch} {backend}: attempt {attempt} failed ({err})", file=sys.stderr, flush=True)
+                print(f"attempt {attempt} failed ({err})", file=sys.stderr, flush=True)
                 if attempt == attempts:
                     raise
     raise ValueError("attempts must be >= 1")
 
 
-def query_params(arch: str) -> int:
-    name, width = ARCHS[arch]
-    return sum(p.numel() for p in build_resnet(name, width).parameters())
+def query_params(cfg: Config) -> int:
+    """The query backbone's parameter count, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_backbone(cfg.model, cfg.data.image_size).parameters())
+
+
+def largest_fit(results: list[dict], fit_gib: float) -> list[dict]:
+    """Per (family, backend, checkpointing, build) measured at two archs or more: the least-squares line
+    ``train peak = a + b x backbone params`` and the backbone size whose peak reaches ``fit_gib`` on it."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        family = "vit" if r["arch"].startswith("vit") else "resnet"
+        groups.setdefault((family, r["backend"], r["checkpointing"], r["build"]), []).append(r)
+    fits = []
+    for (family, backend, checkpointing, build), rows in groups.items():
+        if len({r["backbone_params"] for r in rows}) < 2:
+            continue
+        slope, intercept = statistics.linear_regression(
+            [r["backbone_params"] for r in rows], [r["train"] for r in rows]
+        )
+        if slope <= 0:
+            continue
+        params = (fit_gib * 1024 - intercept) / slope
+        fits.append(
+            {
+                "family": family,
+                "backend": backend,
+                "checkpointing": checkpointing,
+                "build": build,
+                "mib_per_million_params": slope * 1e6,
+                "fixed_mib": intercept,
+                "largest_backbone_params": params,
+            }
+        )
+    return fits
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows, results = [], []
-    for arch in args.archs.split(","):
-        params = query_params(arch)
-        for backend in args.backends.split(","):
-            estimate_gib = 5 * params * 4 * WORLD / 2**30
-            if estimate_gib > args.mem_budget_gib:
-                print(f"skip {arch} {backend}: ~{estimate_gib:.1f} GiB > --mem-budget-gib", file=sys.stderr)
-                rows.append([arch, backend, f"{params / 1e6:.0f}M", "-", "-", "-", "skipped (memory budget)"])
-                continue
-            print(f"{arch} {backend} ...", file=sys.stderr, flush=True)
-            r = measure(arch, backend, args)
-            results.append({"arch": arch, "backend": backend, "backbone_params": params, **r})
-            rows.append(
-                [arch, backend, f"{params / 1e6:.0f}M", r["params"], r["train"], r["init"], f"{r['step_s']:.2f}"]
-            )
-    headers = ["arch", "backend", "backbone", "params_local_mib", "train_peak_mib", "init_peak_mib", "step_s"]
-    print(format_table(headers, rows))
+    seen = set()
+    grid = [args.archs, args.backends, args.checkpointing, args.builds]
+    for arch, backend, checkpointing, asked in itertools.product(*(option.split(",") for option in grid)):
+        build = asked if backend in ("zero3", "fsdp") else "whole"  # ZeRO-0/2 always build whole
+        if (arch, backend, checkpointing, build) in seen:
+            continue
+        seen.add((arch, backend, checkpointing, build))
+        cfg = row_config(arch, backend, checkpointing, build, args)
+        params = query_params(cfg)
+        label = [arch, f"{params / 1e6:.0f}M", backend, checkpointing, build]
+        estimate_gib = ESTIMATE_BYTES_PER_PARAM[backend] * params * WORLD / 2**30
+        if estimate_gib > args.mem_budget_gib:
+            print(f"skip {' '.join(label)}: ~{estimate_gib:.1f} GiB > --mem-budget-gib", file=sys.stderr)
+            rows.append([*label, "-", "-", "-", "skipped (memory budget)"])
+            continue
+        print(f"{' '.join(label)} ...", file=sys.stderr, flush=True)
+        r = measure(cfg, args.steps)
+        results.append(
+            {
+                "arch": arch,
+                "backend": backend,
+                "checkpointing": checkpointing,
+                "build": build,
+                "image_size": cfg.data.image_size,
+                "backbone_params": params,
+                **r,
+            }
+        )
+        rows.append([*label, r["params"], r["train"], r["init"], f"{r['step_s']:.2f}"])
+    headers = ["arch", "backbone", "backend", "ckpt", "build", "params_local_mib", "train_peak_mib", "init_peak_mib"]
+    print(format_table([*headers, "step_s"], rows))
+    fits = largest_fit(results, args.fit_gib)
+    if fits:
+        keys = ("family", "backend", "checkpointing", "build", "mib_per_million_params", "fixed_mib")
+        fit_rows = [[*(f[k] for k in keys), f"{f['largest_backbone_params'] / 1e9:.2f}B"] for f in fits]
+        print(format_table([*keys, f"largest backbone in {args.fit_gib:g} GiB"], fit_rows))
     write_json(
         args.json,
         {
             "env": environment(),
             "args": vars(args),
             "results": results,
+            "largest_fit": fits,
             "train_peak_mib_max": max((r["train"] for r in results), default=0.0),
         },
     )

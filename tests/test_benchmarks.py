@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("shuffle_bn.py", "ratio_vs_reference"),
         ("checkpoint_io.py", "save_s_max"),
         ("sharded_queue.py", "ratio_at_largest_k"),  # 2 ranks, a fresh pair per method
-        ("memory.py", "train_peak_mib_max"),  # 2 ranks, ZeRO-0 and FSDP
+        ("memory.py", "train_peak_mib_max"),  # 2 ranks, vit_tiny: ZeRO-0, FSDP2 sharded and whole
         pytest.param("throughput.py", "ratio_vs_reference", marks=pytest.mark.slow),  # 2 ranks, ours and fb/moco's
         ("gpu_suite.py", "pairs_per_s_compute"),  # its CPU dry run
         pytest.param("quality.py", "knn_top1_ours", marks=pytest.mark.slow),  # 4 steps each, ours and reference

@@ -125,7 +125,11 @@ def _switch_builds_alike(rank: int, world: int, backend: str) -> None:
 
     model_cfg, moco_cfg = SETUPS["vit_tiny"]
     cfg = Config(model=model_cfg, moco=moco_cfg)
-    cfg.engine.backend, cfg.engine.zero_stage, cfg.engine.precision = backend, 3, "fp32"
+    cfg.engine.backend, cfg.engine.zero_stage, cfg.engine.precision = (
+        backend,
+        3 if backend == "deepspeed" else 0,
+        "fp32",
+    )
     cfg.engine.cuda_graph_ema, cfg.train.seed = False, 5
     ctx = DistInfo(rank, world, rank, world, torch.device("cpu"))
     writers: list[str] = []  # how each build drew its values: on the shards (a writer) or whole (none)
