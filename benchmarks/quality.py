@@ -6,6 +6,7 @@ Arms, each on 2 gloo ranks, fp32:
   with the protocol's flags and ``--data.backend=dali`` / ``torch``;
 - ``ref-our-loader``: ``benchmarks/reference_moco.py`` (fb/moco's way: per-parameter EMA loop,
   gather/broadcast shuffle-BN, DDP) trained in a loop written here, fed by our loader (``data.backend=auto``);
+  on the ``vit`` protocol ``benchmarks/reference_mocov3.py`` instead (moco-v3's ViT, heads, loss and loop);
 - ``ref-pil``: the same reference fed by fb/moco's data path (``benchmarks/reference_data.py``: the demo's
   training images unpacked into an ImageFolder tree, PIL transforms from the same augmentation spec,
   a DistributedSampler).
@@ -13,7 +14,7 @@ Arms, each on 2 gloo ranks, fp32:
 Protocols (``--protocols``): ``demo`` is ``configs/demo.yaml`` as it is; ``divergent`` is the one on which
 fb/moco's code and ours were seen to part (issue 13): 64 px digits, ResNet-18, K=256, T=0.1, m=0.99, SGD
 lr 0.06 at the global batch of 128, weight decay 5e-4, cosine without warm-up, the v2 recipe, 600 steps,
-64 per rank.
+64 per rank. ``vit`` is ``configs/demo_vit.yaml`` as it is: MoCo v3 on vit_tiny (8 px patches at 32 px).
 
 Every arm logs the loss and the instance accuracy every ``train.log_every`` steps and the kNN top-1
 (k=200, T=0.1, the 300 held-out digits against the 1,497 training ones, one :class:`KnnMonitor`) at
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -36,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ import torch.multiprocessing as mp
 from _common import environment, format_table, write_json
 from reference_data import image_folder_batches, unpack_to_image_folder
 from reference_moco import ReferenceMoCo, ReferenceTrainer
+from reference_mocov3 import ReferenceMoCoV3, ReferenceV3Trainer
 
 from moco_scale.config import Config, load_config
 from moco_scale.data.demo import ensure_demo_shards
@@ -75,7 +79,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "train.batch_size": 64,
         "train.max_steps": 600,
     },
+    "vit": {},
 }
+CONFIGS = {"demo": "demo.yaml", "divergent": "demo.yaml", "vit": "demo_vit.yaml"}  # what each protocol's flags change
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,16 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def protocol_flags(protocol: str, seed: int, steps: int) -> dict[str, Any]:
-    """The launcher flags (beyond ``configs/demo.yaml``) of one protocol and seed."""
+    """The launcher flags (beyond the protocol's config file) of one protocol and seed."""
     flags = {**PROTOCOLS[protocol], "train.seed": seed, "data.seed": seed, "engine.precision": "fp32"}
     if steps:
         flags["train.max_steps"] = steps
     return flags
 
 
-def run_ours(flags: dict[str, Any], backend: str, run_dir: Path) -> dict[str, Any]:
+def run_ours(config: Path, flags: dict[str, Any], backend: str, run_dir: Path) -> dict[str, Any]:
     """The launcher, as a user runs it; its metrics.jsonl holds the curves and the kNN figures."""
-    steps = load_config(ROOT / "configs" / "demo.yaml", flags).train.max_steps
+    steps = load_config(config, flags).train.max_steps
     flags = {**flags, "data.backend": backend, "eval.every_steps": steps, "train.progress": "false"}
     flags["train.run_dir"] = str(run_dir)
     cmd = [
@@ -115,7 +121,7 @@ def run_ours(flags: dict[str, Any], backend: str, run_dir: Path) -> dict[str, An
         str(free_port()),
         "launchers/pretrain.py",
         "--config",
-        "configs/demo.yaml",
+        str(config),
         *(f"--{name}={value}" for name, value in flags.items()),
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -125,22 +131,52 @@ def run_ours(flags: dict[str, Any], backend: str, run_dir: Path) -> dict[str, An
     return {key: {r["step"]: r[key] for r in records if key in r} for key in ("loss", "inst_acc", "knn_top1")}
 
 
+def reference(cfg: Config) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], Callable[[], torch.nn.Module]]:
+    """The reference of ``cfg.moco.version`` (fb/moco's for v1/v2, moco-v3's for v3): its training step, which
+    sets the learning rate (and the key momentum) of each step itself, and its backbone for the kNN monitor."""
+    m, t, o = cfg.moco, cfg.train, cfg.optim
+    peak_lr = linear_scaled_lr(o.base_lr, t.batch_size * WORLD)
+    if m.version == "v3":
+        v3 = ReferenceMoCoV3(cfg.model.arch, cfg.data.image_size, cfg.model.patch_size, m.dim, m.mlp_dim, m.temperature)
+        trainer = ReferenceV3Trainer(v3, peak_lr, o.weight_decay, o.warmup_steps, t.max_steps, m.momentum)
+
+        def v3_backbone() -> torch.nn.Module:
+            backbone = copy.deepcopy(v3.base_encoder)
+            backbone.head = torch.nn.Identity()  # the class token after the final norm, as our ViT gives
+            return backbone
+
+        return trainer.train_step, v3_backbone
+    v2 = ReferenceMoCo(cfg.model.arch, m.dim, m.version == "v2", m.queue_size, m.momentum, m.temperature)
+    v2_trainer = ReferenceTrainer(v2, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
+    steps = itertools.count()
+
+    def train_step(view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lr = learning_rate(next(steps), t.max_steps, peak_lr, o.warmup_steps, o.schedule, o.step_milestones)
+        for group in v2_trainer.optimizer.param_groups:
+            group["lr"] = lr
+        return v2_trainer.train_step(view1, view2)
+
+    def v2_backbone() -> torch.nn.Module:
+        backbone = copy.deepcopy(v2.encoder_q)
+        backbone.fc = torch.nn.Identity()  # pooled features, as our query backbone gives
+        return backbone
+
+    return train_step, v2_backbone
+
+
 def reference_worker(rank: int, port: int, cfg: Config, loader: str, image_folder: str, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights and queue on every rank
-    m, t, o = cfg.moco, cfg.train, cfg.optim
-    model = ReferenceMoCo(cfg.model.arch, m.dim, m.version == "v2", m.queue_size, m.momentum, m.temperature)
-    trainer = ReferenceTrainer(model, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights (and queue) on every rank
+    t = cfg.train
+    train_step, backbone = reference(cfg)
     demo = ensure_demo_shards()
     train, val = list_shards(str(demo["train"])), list_shards(str(demo["val"]))
     monitor = KnnMonitor(train, val, cfg.data.image_size, cfg.eval, rank, WORLD)
 
     def knn() -> float:
-        backbone = copy.deepcopy(model.encoder_q)
-        backbone.fc = torch.nn.Identity()  # pooled features, as our query backbone gives
-        return monitor(backbone)
+        return monitor(backbone())
 
     curves: dict[str, dict[int, float]] = {"loss": {}, "inst_acc": {}, "knn_top1": {0: knn()}}
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
@@ -153,13 +189,9 @@ def reference_worker(rank: int, port: int, cfg: Config, loader: str, image_folde
         shards = list_shards(str(demo["train"]))
         stream = StreamSpec(shards, views, t.batch_size, rank, WORLD, cfg.data.seed, cfg.data.shuffle_buffer)
         batches = two_view_batches(cfg.data.backend, stream, workers=cfg.data.workers, device=torch.device("cpu"))
-    peak_lr = linear_scaled_lr(o.base_lr, t.batch_size * WORLD)
-    model.train()
     for step in range(t.max_steps):
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = learning_rate(step, t.max_steps, peak_lr, o.warmup_steps, o.schedule, o.step_milestones)
         view1, view2, _ = next(batches)
-        loss, inst_acc = trainer.train_step(view1, view2)
+        loss, inst_acc = train_step(view1, view2)
         if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
             stats = torch.stack([loss, inst_acc])
             dist.all_reduce(stats)
@@ -177,10 +209,11 @@ def run_reference(cfg: Config, loader: str, image_folder: Path, out_path: Path) 
     return {name: {int(step): value for step, value in curve.items()} for name, curve in result.items()}
 
 
-def run_arm(arm: str, flags: dict[str, Any], work: Path, image_folder: Path) -> dict[str, Any]:
+def run_arm(arm: str, protocol: str, flags: dict[str, Any], work: Path, image_folder: Path) -> dict[str, Any]:
+    config = ROOT / "configs" / CONFIGS[protocol]
     if arm.startswith("ours-"):
-        return run_ours(flags, arm.removeprefix("ours-"), work / arm)
-    cfg = load_config(ROOT / "configs" / "demo.yaml", flags)
+        return run_ours(config, flags, arm.removeprefix("ours-"), work / arm)
+    cfg = load_config(config, flags)
     return run_reference(cfg, "pil" if arm == "ref-pil" else "ours", image_folder, work / f"{arm}.json")
 
 
@@ -261,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     run = done.get((protocol, arm, seed))
                     if run is None:
                         flags = protocol_flags(protocol, seed, args.steps)
-                        run = run_arm(arm, flags, work / f"{protocol}-{seed}", image_folder)
+                        run = run_arm(arm, protocol, flags, work / f"{protocol}-{seed}", image_folder)
                     runs[protocol][arm].append(run)
                     print(f"{protocol}, seed {seed}, {arm}: {one_line(run)}", flush=True)
                     if args.json:  # what has finished so far, should the rest not

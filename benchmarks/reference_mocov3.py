@@ -7,7 +7,9 @@
   fused qkv with the bound of one of its three matrices, the class token N(0, 1e-6), the patch projection
   uniform with the Xavier bound of its 3 x p x p inputs and zero bias, frozen (``stop_grad_conv1``);
 - the heads: a 3-layer projector on both encoders and a 2-layer predictor on the query side, Linear (no
-  bias)-BN-ReLU with an affine-free BN last, PyTorch's default Linear init; SyncBatchNorm everywhere;
+  bias)-BN-ReLU with an affine-free BN last, PyTorch's default Linear init; the BN statistics of the global
+  batch (moco-v3 converts to ``nn.SyncBatchNorm``, which runs on GPUs only: here the batch is all-gathered,
+  differentiably, and normalised whole);
 - the momentum encoder a copy of the base encoder, updated parameter by parameter in a Python loop inside
   the forward, its momentum on a half cosine from m0 to 1 over the run;
 - each view's query against the other view's keys, all-gathered from every rank: logits q k^T / T, labels
@@ -18,10 +20,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,7 +57,7 @@ def vit_backbone(arch: str, image_size: int, patch_size: int) -> nn.Module:
         num_heads=heads,
         mlp_ratio=4,
         qkv_bias=True,
-        norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6),
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
         num_classes=0,
     )
     vit.pos_embed = nn.Parameter(sincos_2d(image_size // patch_size, width), requires_grad=False)
@@ -74,12 +78,29 @@ def vit_backbone(arch: str, image_size: int, patch_size: int) -> nn.Module:
     return vit
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm over every rank's rows: the batch all-gathered (with its gradient), normalised whole, and this
+    rank's rows kept; the running statistics are the global batch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        everyone = torch.cat(dist_nn.all_gather(x))
+        y = F.batch_norm(
+            everyone, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps
+        )
+        return y[dist.get_rank() * x.shape[0] :][: x.shape[0]]
+
+
 def bn_mlp(layers: int, in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     blocks: list[nn.Module] = []
     for i in range(layers):
         last = i == layers - 1
         blocks.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
-        blocks += [nn.BatchNorm1d(out_dim, affine=False)] if last else [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        if last:
+            blocks.append(GlobalBatchNorm1d(out_dim, affine=False))
+        else:
+            blocks += [GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True)]
     return nn.Sequential(*blocks)
 
 
@@ -127,11 +148,11 @@ class ReferenceMoCoV3(nn.Module):
 
 
 class ReferenceV3Trainer:
-    """moco-v3's loop: SyncBN and DDP, AdamW on every parameter, lr and momentum set per step."""
+    """moco-v3's loop: DDP, AdamW on every parameter, lr and momentum set per step."""
 
     def __init__(self, model: ReferenceMoCoV3, peak_lr: float, weight_decay: float, warmup: int, steps: int, m0: float):
-        self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.ddp = nn.parallel.DistributedDataParallel(self.model)
+        self.model = model
+        self.ddp = nn.parallel.DistributedDataParallel(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), peak_lr, weight_decay=weight_decay)
         self.peak_lr, self.warmup, self.steps, self.m0 = peak_lr, warmup, steps, m0
         self.step = 0
