@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
         ("memory.py", "train_peak_mib_max"),  # 2 ranks, vit_tiny: ZeRO-0, FSDP2 sharded and whole
         pytest.param("throughput.py", "ratio_vs_reference", marks=pytest.mark.slow),  # 2 ranks, ours and fb/moco's
         ("gpu_suite.py", "pairs_per_s_compute"),  # its CPU dry run
-        pytest.param("quality.py", "knn_top1_ours", marks=pytest.mark.slow),  # 4 steps each, ours and reference
+        pytest.param(
+            "quality.py", "knn_top1_ours", marks=pytest.mark.slow
+        ),  # vit_tiny, 4 steps: ours, moco-v3 reference
         ("shard_check.py", "ratio_full_vs_pil"),  # PIL alone, JPEG structure walk, PIL + DALI
         pytest.param("faults.py", "survived_fraction", marks=pytest.mark.slow),  # 9 short 2-rank jobs
         ("resume_cost.py", "resume_ms_ratio_last_vs_first"),  # torch loader resumes after 1 and 10 epochs
