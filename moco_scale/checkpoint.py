@@ -211,10 +211,11 @@ def save(
     config: dict,
     keep_last: int,
     keep_every: int = 0,
-    epoch: float = 0.0,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
     """Every rank writes its shard of ``step``'s checkpoint; it becomes ``latest`` once all are done and flushed.
-    ``epoch`` (samples consumed / samples in the data, fractional) is recorded beside the step.
+    ``meta`` is recorded beside the step (``epoch``: samples consumed / samples in the data, fractional;
+    ``run_ids``: the loggers' runs a resumed run continues).
     Checkpoints older than this one beyond the last ``keep_last`` are deleted, except every ``keep_every``-th
     step; newer ones and this one never are. A failure on any rank (a write, or rank 0 not seeing another
     rank's file) raises the same one-line CheckpointError on every rank, and nothing is published."""
@@ -232,8 +233,9 @@ def save(
     try:
         rank_local = rank_local_modules(engine.model)
         state = {
+            "epoch": 0.0,
+            **(meta or {}),
             "step": step,
-            "epoch": epoch,
             "config": config,
             "loader": loader_state,
             "rng": rng_state(),

@@ -18,6 +18,7 @@ import yaml
 from moco_scale.data.augment import PRESETS, Augmentation, ViewSpec
 from moco_scale.fileio import write_atomically
 from moco_scale.models import ARCHS, VIT_SPECS
+from moco_scale.observe.loggers import logger_problem
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,8 @@ class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
     progress: bool = True
+    loggers: tuple[str, ...] = ("jsonl",)  # jsonl (always on), tensorboard, wandb: each gets every metric
+    wandb_project: str = "moco_scale"
     max_bad_steps: int = 10  # stop (non-zero exit, no save) after this many non-finite steps in a row
 
 
@@ -197,7 +200,7 @@ FIELDS = tuple(_dotted_fields(Config, ""))
 # evaluates, how it checkpoints, and how long it waits. Any other field must match the checkpoint's config
 # unless named in checkpoint.allow_changes. (The world size may change too: the checkpoint is re-cut.)
 RESUMABLE_CHANGES = frozenset(
-    {"train.run_dir", "train.log_every", "train.progress", "train.max_bad_steps", "engine.timeout_s"}
+    {"train.run_dir", "train.log_every", "train.progress", "train.loggers", "train.max_bad_steps", "engine.timeout_s"}
     | {name for name in FIELDS if name.startswith(("checkpoint.", "eval.", "probe."))}
 )
 
@@ -340,6 +343,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-field checks; ``world_size`` enables the ones that depend on it."""
     m, t, o = cfg.moco, cfg.train, cfg.optim
+    for name in t.loggers:
+        if problem := logger_problem(name):
+            raise ConfigError(problem)
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f"model.arch: unknown arch {cfg.model.arch!r}; choices: {', '.join(ARCHS)}")
     if cfg.model.arch in VIT_SPECS:

@@ -40,9 +40,10 @@ from moco_scale.engine.fsdp import FSDPEngine
 from moco_scale.eval.knn import KnnMonitor
 from moco_scale.moco import MoCo
 from moco_scale.models import build_backbone
+from moco_scale.observe.loggers import open_sinks, run_ids
 from moco_scale.observe.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
-from moco_scale.observe.plot import STAGE_PREFIX, plot_run
-from moco_scale.observe.profiling import StageTimer
+from moco_scale.observe.plot import plot_run
+from moco_scale.observe.profiling import STAGE_PREFIX, StageTimer
 from moco_scale.optim import build_optimizer, key_momentum, learning_rate, linear_scaled_lr
 from moco_scale.stop import STOP
 
@@ -171,10 +172,11 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         )
     model, engine = build_engine(cfg, ctx, peak_lr)
     memory_format = torch.channels_last if uses_channels_last(cfg, ctx) else torch.contiguous_format
-    start_step, loader_state = 0, None
+    start_step, loader_state, logger_runs = 0, None, {}
     if resume_from is not None:
         start_step, loader_state, saved_world_size = checkpoint.load(engine, resume_from)
-        saved_config = checkpoint.read_meta(resume_from).get("config", cfg.to_dict())
+        saved = checkpoint.read_meta(resume_from)
+        saved_config, logger_runs = saved.get("config", cfg.to_dict()), saved.get("run_ids", {})
         backend = resolve_backend(cfg.data.backend, shards)
         loader_state = remap_state(  # the same layout continues exactly; another restarts at the global count
             loader_state,
@@ -198,6 +200,9 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         )
     saved_step = start_step
 
+    sinks = open_sinks(cfg.train.loggers, run_dir, cfg.to_dict(), start_step, logger_runs) if ctx.is_main else []
+    logger = MetricsLogger(run_dir, total_steps, start_step, ctx.is_main, cfg.train.progress, sinks)
+
     def save(step: int) -> None:
         nonlocal saved_step
         saved_step = step
@@ -209,10 +214,9 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
             cfg.to_dict(),
             cfg.checkpoint.keep_last,
             cfg.checkpoint.keep_every,
-            epoch=round(step * global_batch / num_samples, 4),
+            meta={"epoch": round(step * global_batch / num_samples, 4), "run_ids": run_ids(sinks)},
         )
 
-    logger = MetricsLogger(run_dir, total_steps, start_step, enabled=ctx.is_main, progress=cfg.train.progress)
     m = cfg.moco
     if warning := queue_size_warning(m.version, m.queue_size, num_samples):
         logger.warn(warning)

@@ -7,19 +7,31 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from moco_scale.observe.loggers import Sink
+
 
 class MetricsLogger:
-    """Appends JSON lines to ``<run_dir>/metrics.jsonl`` and drives the progress bar (rank 0 only)."""
+    """Appends JSON lines to ``<run_dir>/metrics.jsonl``, hands each record and warning to the other loggers
+    (``sinks``: TensorBoard, W&B) and drives the progress bar (rank 0 only)."""
 
     def __init__(
-        self, run_dir: str | Path, total_steps: int, initial_step: int = 0, enabled: bool = True, progress: bool = True
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        initial_step: int = 0,
+        enabled: bool = True,
+        progress: bool = True,
+        sinks: Sequence[Sink] = (),
     ):
         self.enabled = enabled
+        self.sinks = sinks
+        self.step = initial_step
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = tqdm(
             total=total_steps,
@@ -40,6 +52,10 @@ class MetricsLogger:
         with self.path.open("a") as f:  # reopened each time: a crash loses at most the current line
             f.write(json.dumps(record, allow_nan=False) + "\n")
         self.last = record
+        self.step = record["step"]
+        scalars = {k: v for k, v in record.items() if k not in ("time", "step") and isinstance(v, int | float)}
+        for sink in self.sinks:
+            sink.scalars(scalars, self.step)
         shown = {k: record[k] for k in ("loss", "inst_acc", "lr", "pairs_per_s", "knn_top1") if k in record}
         self.bar.set_postfix({k: "nan" if v is None else f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
@@ -47,13 +63,19 @@ class MetricsLogger:
         """A one-line warning on stderr that does not break the progress bar (rank 0 only)."""
         if self.enabled:
             tqdm.write(f"warning: {message}", file=sys.stderr)
+            for sink in self.sinks:
+                sink.text(message, self.step)
 
     def advance(self, steps: int = 1) -> None:
+        self.step += steps
         self.bar.update(steps)
 
     def close(self) -> str:
-        """Close the bar and return the one-line summary."""
+        """Close the bar and the other loggers, and return the one-line summary."""
         self.bar.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = ()
         elapsed = time.perf_counter() - self.start
         last = ", ".join(
             f"{k}={v:.4g}"

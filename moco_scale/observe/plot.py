@@ -17,7 +17,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
 
-STAGE_PREFIX = "ms_"  # per-stage milliseconds of a step, as the training loop logs them
+from moco_scale.observe.profiling import STAGE_PREFIX
+
 PANELS = {
     "loss": "InfoNCE loss",
     "inst_acc": "instance accuracy",

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 import torch
 
 STAGES = ("data_wait", "query_fwd_bwd", "key_fwd", "ema", "queue_loss", "optimizer", "comm")
+STAGE_PREFIX = "ms_"  # per-stage milliseconds of a step, as the training loop logs them
 
 _NULL = contextlib.nullcontext()
 _active: StageTimer | None = None
