@@ -194,8 +194,9 @@ def _rank(rank: int, port: int, cfg: Config, steps: int, out: str) -> None:
     shutdown_distributed()
 
 
-def measure(cfg: Config, steps: int, attempts: int = 2) -> dict[str, float]:
-    """One fresh pair of ranks; a pair that dies (seen rarely: a native abort at exit) is run again."""
+def measure(cfg: Config, steps: int, attempts: int = 2) -> dict[str, float] | str:
+    """One fresh pair of ranks; a pair that dies with an error (seen rarely: a native abort at exit) is run
+    again. A rank the kernel killed (out of memory) ends the row: its reason is returned instead."""
     for attempt in range(1, attempts + 1):
         with tempfile.TemporaryDirectory() as tmp:
             out = f"{tmp}/result.pt"
@@ -204,6 +205,8 @@ def measure(cfg: Config, steps: int, attempts: int = 2) -> dict[str, float]:
                 return {**torch.load(out), "attempts": attempt}
             except mp.ProcessExitedException as err:
                 print(f"attempt {attempt} failed ({err})", file=sys.stderr, flush=True)
+                if err.signal_name == "SIGKILL":
+                    return "killed (out of memory)"
                 if attempt == attempts:
                     raise
     raise ValueError("attempts must be >= 1")
@@ -266,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{' '.join(label)} ...", file=sys.stderr, flush=True)
         r = measure(cfg, args.steps)
+        if isinstance(r, str):
+            rows.append([*label, "-", "-", "-", r])
+            continue
         results.append(
             {
                 "arch": arch,
@@ -278,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         rows.append([*label, r["params"], r["train"], r["init"], f"{r['step_s']:.2f}"])
+        print(f"{' '.join(label)}: train peak {r['train']:.0f} MiB, init peak {r['init']:.0f} MiB", flush=True)
+        if args.json:  # what has finished so far, should a later row take the process down
+            write_json(args.json + ".partial", {"args": vars(args), "results": results})
     headers = ["arch", "backbone", "backend", "ckpt", "build", "params_local_mib", "train_peak_mib", "init_peak_mib"]
     print(format_table([*headers, "step_s"], rows))
     fits = largest_fit(results, args.fit_gib)
