@@ -45,6 +45,17 @@ and the projection head under ``module.encoder_q.fc.*`` as in fb/moco. Its ``mai
 with ``strict=False``, only ``fc.weight`` and ``fc.bias`` missing. ``epoch`` is the number of
 completed epochs (checkpoints count steps; the fractional epoch is in ``--inspect``).
 
+``--layout detectron2`` (ResNets) writes the pickle detectron2's ``ResNet`` backbone loads as ``MODEL.WEIGHTS``:
+``{"model": {name: numpy array}, "__author__": "moco_scale", "matching_heuristics": True}``, the stem under
+``stem.conv1``, the stages ``layer1``-``layer4`` as ``res2``-``res5``, each BN ``bn<i>`` as ``conv<i>.norm`` and
+``downsample.0``/``.1`` as ``shortcut``/``shortcut.norm`` (fb/moco's converter's renaming; BN batch counters
+left out). Use it with detectron2's ImageNet-pretrained settings for torchvision-style weights (RGB input,
+``MODEL.PIXEL_MEAN``/``PIXEL_STD`` of torchvision, ``MODEL.RESNETS.STRIDE_IN_1X1=False``).
+
+Each export also writes a model card beside ``OUT`` (``OUT`` with the suffix ``.md``): the architecture, MoCo
+version, step and epoch, the data and its sample count, the last logged loss and kNN top-1, the git commit
+the run trained with, and the lines that load the file.
+
 ``--inspect`` prints the step, epoch, world size, model and MoCo settings, parameter counts, the queue
 and the file sizes.
 """
@@ -52,6 +63,7 @@ and the file sizes.
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -94,15 +106,90 @@ def timm_names(backbone: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
     return renamed
 
 
+DETECTRON2_NAMES = (  # (torchvision ResNet name pattern, detectron2's), applied in turn
+    (r"^(conv1|bn1)\.", r"stem.\1."),
+    (r"^layer(\d)\.", lambda m: f"res{int(m.group(1)) + 1}."),
+    (r"\.bn(\d)\.", r".conv\1.norm."),
+    (r"\.downsample\.0\.", ".shortcut."),
+    (r"\.downsample\.1\.", ".shortcut.norm."),
+)
+
+
+def detectron2_names(backbone: dict[str, torch.Tensor], arch: str) -> dict[str, Any]:
+    """detectron2's ``ResNet`` weights file: the backbone renamed, as numpy arrays, matching heuristics on."""
+    if arch in VIT_SPECS:
+        raise WeightsError(f"--layout detectron2 is for ResNets; {arch} is a ViT (use torchvision or timm)")
+    model = {}
+    for name, tensor in backbone.items():
+        if name.endswith("num_batches_tracked"):
+            continue  # detectron2's frozen BN has no batch counter
+        for pattern, replacement in DETECTRON2_NAMES:
+            name = re.sub(pattern, replacement, name)
+        model[name] = tensor.numpy()
+    return {"model": model, "__author__": "moco_scale", "matching_heuristics": True}
+
+
+LOADERS = {  # layout -> how the file loads, with {out} and {arch}
+    "torchvision": (
+        "model = torchvision.models.{arch}()\nmodel.fc = torch.nn.Identity()  # a ViT: model.heads\n"
+        'model.load_state_dict(torch.load("{out}", weights_only=True), strict=True)'
+    ),
+    "timm": (
+        'model = timm.create_model("{arch}", num_classes=0)  # timm\'s name for these sizes\n'
+        'model.load_state_dict(torch.load("{out}", weights_only=True), strict=True)'
+    ),
+    "fbmoco": "python main_lincls.py -a {arch} --pretrained {out} --lr 30.0 ... /path/to/imagenet  # fb/moco",
+    "detectron2": "python tools/train_net.py --config-file <a detectron2 R50 config> MODEL.WEIGHTS {out}",
+}
+
+
+def model_card(ckpt: Path, out: Path, layout: str, meta: dict[str, Any]) -> str:
+    """A short markdown description of an exported backbone."""
+    cfg = meta.get("config", {})
+    model, moco, data, train = (cfg.get(k, {}) for k in ("model", "moco", "data", "train"))
+    arch = model.get("arch", "unknown")
+    last = meta.get("metrics", {})
+    knn = f"{last['knn_top1']:.1f}% (step {last['knn_step']})" if "knn_top1" in last else "not measured"
+    loss = f"{last['loss']:.4f} (step {last['loss_step']})" if "loss" in last else "not recorded"
+    rows = [
+        ("architecture", f"{arch} (width {model.get('width', 1)}, patch {model.get('patch_size')})"),
+        (
+            "MoCo",
+            f"{moco.get('version')}, dim {moco.get('dim')}, K {moco.get('queue_size')}, T {moco.get('temperature')}",
+        ),
+        (
+            "trained",
+            f"{meta.get('step')} steps, {meta.get('epoch')} epochs, {meta.get('world_size')} ranks "
+            f"x batch {train.get('batch_size')}",
+        ),
+        ("data", f"{data.get('path')} ({meta.get('num_samples', 'unknown')} samples), {data.get('image_size')} px"),
+        ("last logged loss", loss),
+        ("kNN top-1", knn),
+        ("code", f"moco_scale {meta.get('git_commit', 'unknown')}"),
+        ("checkpoint", str(ckpt)),
+        ("layout", layout),
+    ]
+    table = "\n".join(f"| {label} | {value} |" for label, value in rows)
+    code = LOADERS[layout].format(out=out.name, arch=arch)
+    intro = f"# {out.name}\n\nThe query backbone of a MoCo pretraining run.\n\n| | |\n|---|---|\n"
+    return f"{intro}{table}\n\nLoad it:\n\n```\n{code}\n```\n"
+
+
+def card_path(out: Path) -> Path:
+    return out.with_suffix(".md") if out.suffix and out.suffix != ".md" else out.with_name(out.name + ".card.md")
+
+
 def export(ckpt: Path, out: Path, layout: str) -> str:
-    """Write the query backbone of ``ckpt`` to ``out``; returns a one-line summary."""
+    """Write the query backbone of ``ckpt`` to ``out``, and its model card beside it; returns a one-line summary."""
     meta, module = checkpoint.read_meta(ckpt), read_module(ckpt)
     model_cfg = meta.get("config", {}).get("model", {})
     arch = model_cfg.get("arch", "unknown")
     backbone = strip(module, BACKBONE)
-    if layout == "fbmoco":
+    if layout == "detectron2":
+        payload: Any = detectron2_names(backbone, arch)
+    elif layout == "fbmoco":
         encoder = {**backbone, **{f"fc.{k}": v for k, v in strip(module, HEAD).items()}}
-        payload: Any = {
+        payload = {
             "state_dict": {f"module.encoder_q.{k}": v for k, v in encoder.items()},
             "arch": arch,
             "epoch": int(meta.get("epoch") or 0),  # completed epochs, as fb/moco counts them
@@ -114,14 +201,22 @@ def export(ckpt: Path, out: Path, layout: str) -> str:
         payload = backbone
     out.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out) as temp:  # flushed, then renamed over ``out``: never a partial file under its name
-        torch.save(payload, temp)
+        if layout == "detectron2":
+            temp.write_bytes(pickle.dumps(payload))
+        else:
+            torch.save(payload, temp)
+    with replacing(card_path(out)) as temp:
+        temp.write_text(model_card(ckpt, out, layout, meta))
     if model_cfg.get("width", 1) != 1 or model_cfg.get("small_stem", False):
         print(
             f"warning: model.width={model_cfg.get('width')}, small_stem={model_cfg.get('small_stem')}: "
             f"this backbone does not fit torchvision.models.{arch}(); use moco_scale.models.build_resnet",
             file=sys.stderr,
         )
-    return f"wrote {len(backbone)} backbone tensors of {arch} at step {meta.get('step')} to {out} ({layout})"
+    return (
+        f"wrote {len(backbone)} backbone tensors of {arch} at step {meta.get('step')} to {out} ({layout}), "
+        f"its model card to {card_path(out)}"
+    )
 
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -181,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", help="checkpoint folder, a run's checkpoints folder, or a run directory")
     parser.add_argument("out", nargs="?", help="output file (not with --inspect)")
-    parser.add_argument("--layout", choices=("torchvision", "timm", "fbmoco"), default="torchvision")
+    parser.add_argument("--layout", choices=tuple(LOADERS), default="torchvision")
     parser.add_argument("--inspect", action="store_true", help="describe the checkpoint instead of exporting")
     args = parser.parse_args(argv)
     if args.inspect == (args.out is not None):

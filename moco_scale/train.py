@@ -41,7 +41,7 @@ from moco_scale.eval.knn import KnnMonitor
 from moco_scale.moco import MoCo
 from moco_scale.models import build_backbone
 from moco_scale.observe.loggers import open_sinks, run_ids
-from moco_scale.observe.metrics import CollapseWatch, MetricsLogger, chance_loss, queue_size_warning
+from moco_scale.observe.metrics import CollapseWatch, MetricsLogger, chance_loss, code_version, queue_size_warning
 from moco_scale.observe.plot import plot_run
 from moco_scale.observe.profiling import STAGE_PREFIX, StageTimer
 from moco_scale.optim import build_optimizer, key_momentum, learning_rate, linear_scaled_lr
@@ -172,11 +172,11 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         )
     model, engine = build_engine(cfg, ctx, peak_lr)
     memory_format = torch.channels_last if uses_channels_last(cfg, ctx) else torch.contiguous_format
-    start_step, loader_state, logger_runs = 0, None, {}
+    start_step, loader_state, saved = 0, None, {}
     if resume_from is not None:
         start_step, loader_state, saved_world_size = checkpoint.load(engine, resume_from)
         saved = checkpoint.read_meta(resume_from)
-        saved_config, logger_runs = saved.get("config", cfg.to_dict()), saved.get("run_ids", {})
+        saved_config = saved.get("config", cfg.to_dict())
         backend = resolve_backend(cfg.data.backend, shards)
         loader_state = remap_state(  # the same layout continues exactly; another restarts at the global count
             loader_state,
@@ -200,8 +200,14 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         )
     saved_step = start_step
 
-    sinks = open_sinks(cfg.train.loggers, run_dir, cfg.to_dict(), start_step, logger_runs) if ctx.is_main else []
+    sinks = (
+        open_sinks(cfg.train.loggers, run_dir, cfg.to_dict(), start_step, saved.get("run_ids", {}))
+        if ctx.is_main
+        else []
+    )
     logger = MetricsLogger(run_dir, total_steps, start_step, ctx.is_main, cfg.train.progress, sinks)
+    logger.headline.update(saved.get("metrics", {}))  # until this run logs its own
+    commit = code_version() if ctx.is_main else ""
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -214,7 +220,13 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
             cfg.to_dict(),
             cfg.checkpoint.keep_last,
             cfg.checkpoint.keep_every,
-            meta={"epoch": round(step * global_batch / num_samples, 4), "run_ids": run_ids(sinks)},
+            meta={
+                "epoch": round(step * global_batch / num_samples, 4),
+                "num_samples": num_samples,
+                "metrics": logger.headline,
+                "git_commit": commit,
+                "run_ids": run_ids(sinks),
+            },
         )
 
     m = cfg.moco

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -195,3 +197,56 @@ def test_timm_layout_loads_strictly_into_timm_with_the_same_features(
     ours = build_resnet("resnet18")
     ours.load_state_dict(_stored_backbone(run_dir), strict=True)
     torch.testing.assert_close(_features(resnet), _features(ours), rtol=0, atol=1e-6)
+
+
+def _detectron2_r50_names() -> set[str]:
+    """What detectron2's ResNet-50 backbone (``build_resnet_backbone``, frozen BN) holds, written out: the stem
+    ``stem.conv1`` with its ``norm``, then res2-res5 of 3, 4, 6 and 3 bottlenecks, each conv1-conv3 with a
+    ``norm``, the first of each stage with a ``shortcut`` projection and its ``norm``."""
+    norm = ("weight", "bias", "running_mean", "running_var")
+    names = {"stem.conv1.weight", *(f"stem.conv1.norm.{n}" for n in norm)}
+    for stage, blocks in zip(range(2, 6), (3, 4, 6, 3), strict=True):
+        for block in range(blocks):
+            for conv in ("conv1", "conv2", "conv3", *(("shortcut",) if block == 0 else ())):
+                names |= {f"res{stage}.{block}.{conv}.weight", *(f"res{stage}.{block}.{conv}.norm.{n}" for n in norm)}
+    return names
+
+
+def _from_detectron2(name: str) -> str:
+    """detectron2's name back to torchvision's, undone rule by rule in the reverse order."""
+    name = re.sub(r"\.shortcut\.norm\.", ".downsample.1.", name)
+    name = re.sub(r"\.shortcut\.", ".downsample.0.", name)
+    name = re.sub(r"\.conv(\d)\.norm\.", r".bn\1.", name)
+    name = re.sub(r"^res(\d)\.", lambda m: f"layer{int(m.group(1)) - 1}.", name)
+    return name.removeprefix("stem.")
+
+
+def test_detectron2_layout_holds_detectron2s_r50_names_and_every_tensor(run_dir: Path, tmp_path: Path) -> None:
+    r50 = export.detectron2_names(build_resnet("resnet50").state_dict(), "resnet50")
+    assert r50["matching_heuristics"] is True and set(r50["model"]) == _detectron2_r50_names()
+
+    out = tmp_path / "r18.pkl"
+    assert export.main([str(run_dir), str(out), "--layout", "detectron2"]) == 0
+    with out.open("rb") as f:
+        model = pickle.load(f)["model"]
+    stored = {k: v for k, v in _stored_backbone(run_dir).items() if not k.endswith("num_batches_tracked")}
+    assert {_from_detectron2(k) for k in model} == stored.keys()
+    for name, array in model.items():
+        assert isinstance(array, np.ndarray) and torch.equal(torch.from_numpy(array), stored[_from_detectron2(name)])
+
+
+def test_every_export_writes_a_model_card(run_dir: Path, tmp_path: Path) -> None:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_loss = [r for r in records if "loss" in r][-1]["loss"]
+    for layout, name in (("torchvision", "backbone.pt"), ("detectron2", "r18.pkl"), ("fbmoco", "moco.pth.tar")):
+        out = tmp_path / name
+        assert export.main([str(run_dir), str(out), "--layout", layout]) == 0
+        card = export.card_path(out).read_text()
+        for fact in ("resnet18", "v2", "2 steps", "demo (1497 samples)", f"{last_loss:.4f} (step 2)", out.name):
+            assert fact in card, (layout, fact, card)
+        assert re.search(r"moco_scale [0-9a-f]{40}", card) or "moco_scale unknown" in card
+
+
+def test_detectron2_layout_refuses_a_vit(vit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert export.main([str(vit_run), str(tmp_path / "vit.pkl"), "--layout", "detectron2"]) == 2
+    assert "error: --layout detectron2 is for ResNets; vit_tiny is a ViT" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ class MetricsLogger:
         )
         self.start = time.perf_counter()
         self.last: dict[str, Any] = {}
+        self.headline: dict[str, float] = {}  # the latest loss, inst_acc and kNN top-1, with their steps
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record (a dict with at least ``step``) and refresh the bar."""
@@ -53,6 +55,10 @@ class MetricsLogger:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         self.last = record
         self.step = record["step"]
+        if record.get("loss") is not None:
+            self.headline.update(loss=record["loss"], inst_acc=record.get("inst_acc"), loss_step=self.step)
+        if record.get("knn_top1") is not None:
+            self.headline.update(knn_top1=record["knn_top1"], knn_step=self.step)
         scalars = {k: v for k, v in record.items() if k not in ("time", "step") and isinstance(v, int | float)}
         for sink in self.sinks:
             sink.scalars(scalars, self.step)
@@ -83,6 +89,26 @@ class MetricsLogger:
             if k not in ("time", "step") and not k.startswith("ms_") and isinstance(v, float)  # ms_: in the plot
         )
         return f"done: {self.last.get('step', 0)} steps in {elapsed:.1f}s; last {last}; metrics in {self.path}"
+
+
+def code_version() -> str:
+    """The git commit of the moco_scale code running (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        changes = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode:
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if changes.stdout.strip() else "")
 
 
 def _json_number(value: Any) -> Any:
