@@ -70,9 +70,9 @@ ARCHS: dict[str, tuple[str, dict[str, object]]] = {
     "vit_huge": ("mocov3_vit_b.yaml", {"model.arch": "vit_huge", "model.patch_size": 14}),
 }
 BACKENDS = {"zero0": ("deepspeed", 0), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "fsdp": ("fsdp", 0)}
-# Rough fp32 bytes a rank holds per query-side parameter while training, 2 ranks: both encoders' parameters,
-# the gradients and the optimizer state, whole (ZeRO-0) or halved.
-ESTIMATE_BYTES_PER_PARAM = {"zero0": 4 * 5.0, "zero2": 4 * 3.5, "zero3": 4 * 2.5, "fsdp": 4 * 2.5}
+# The train peak per rank per backbone parameter, 2 ranks, fp32, as measured (RESULTS.md): MoCo v2 ResNets with
+# SGD up to 20 bytes, MoCo v3 ViTs with AdamW and 4096-wide heads up to 34, ZeRO-3 a quarter more.
+ESTIMATE_BYTES_PER_PARAM = {"sgd": 20.0, "adamw": 34.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = row_config(arch, backend, checkpointing, build, args)
         params = query_params(cfg)
         label = [arch, f"{params / 1e6:.0f}M", backend, checkpointing, build]
-        estimate_gib = ESTIMATE_BYTES_PER_PARAM[backend] * params * WORLD / 2**30
+        per_param = ESTIMATE_BYTES_PER_PARAM[cfg.optim.name] * (1.25 if backend == "zero3" else 1.0)
+        estimate_gib = per_param * params * WORLD / 2**30
         if estimate_gib > args.mem_budget_gib:
             print(f"skip {' '.join(label)}: ~{estimate_gib:.1f} GiB > --mem-budget-gib", file=sys.stderr)
             rows.append([*label, "-", "-", "-", "skipped (memory budget)"])

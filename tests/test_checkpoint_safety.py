@@ -259,7 +259,7 @@ def test_export_writes_no_partial_file_when_saving_fails(
     monkeypatch.undo()
     assert export.main([str(run_dir), str(out)]) == 0
     assert torch.load(out, weights_only=True).keys() == weights.load_backbone(run_dir)[0].keys()
-    assert [p.name for p in tmp_path.iterdir()] == ["backbone.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.md", "backbone.pt"]  # with its model card
 
 
 # ---------------------------------------------------------------- nothing runs code from a file it reads

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import yaml
+from test_loggers import tensorboard_scalars
 
 from moco_scale import checkpoint, train
 from moco_scale.data.dali import dali_available
@@ -61,6 +62,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[dict, str]]:
         ({"engine.timeout_s": 0}, "engine.timeout_s must be >= 1, got 0"),
         ({"data.path": None}, "data.path: expected text, got null"),
         ({"checkpoint.allow_changes": "train.batchsize"}, "checkpoint.allow_changes: unknown field 'train.batchsize'"),
+        ({"train.loggers": "[jsonl,tensorbored]"}, "train.loggers: unknown logger 'tensorbored'; choices: jsonl"),
     ]
 
 
@@ -139,6 +141,8 @@ def test_deepspeed_two_ranks_demo_learns(tmp_path: Path) -> None:
     first_half_peak = max(losses[: len(losses) // 2])
     last = sum(losses[-3:]) / 3
     assert last < first_half_peak, losses
+    tensorboard = tensorboard_scalars(run_dir / "tensorboard")  # configs/demo.yaml logs there too
+    assert tensorboard["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
     assert max(r["inst_acc"] for r in records[-4:]) >= max(r["inst_acc"] for r in records[:2]), records
 
 
