@@ -149,3 +149,29 @@ def test_tensorboard_and_wandb_get_every_metric_and_a_resumed_run_continues_them
     (first_id, _), (resumed_id, history) = wandb_history(run_dir)
     assert first_id == resumed_id == run_id  # the same W&B run, continued
     assert history["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in resumed}, rel=1e-6)
+
+
+def test_wandb_runs_offline_when_its_server_cannot_be_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from moco_scale.observe import loggers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with socket.socket() as server:  # a listening port stands for a reachable server
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(loggers, "WANDB_HOST", server.getsockname())
+        assert loggers.wandb_mode() == "online"
+    monkeypatch.setattr(loggers, "WANDB_HOST", ("127.0.0.1", free_closed_port()))
+    assert loggers.wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's choice wins
+    assert loggers.wandb_mode() == "disabled"
+
+
+def free_closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
