@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+from reference_moco import gather_all  # fb/moco's concat_all_gather, which moco-v3 keeps
 from torch import nn
 
 # name -> (width, blocks, heads), as moco_scale.models.vit names them
@@ -102,12 +103,6 @@ def bn_mlp(layers: int, in_dim: int, hidden: int, out_dim: int) -> nn.Sequential
         else:
             blocks += [GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True)]
     return nn.Sequential(*blocks)
-
-
-def gather_all(tensor: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 
 class ReferenceMoCoV3(nn.Module):
