@@ -65,6 +65,7 @@ ARCHS: dict[str, tuple[str, dict[str, object]]] = {
     "resnet50x2": ("mocov2_r50.yaml", {"model.arch": "resnet50", "model.width": 2}),
     "resnet50x4": ("mocov2_r50.yaml", {"model.arch": "resnet50", "model.width": 4}),
     "vit_tiny": ("mocov3_vit_b.yaml", {"model.arch": "vit_tiny"}),
+    "vit_small": ("mocov3_vit_b.yaml", {"model.arch": "vit_small"}),
     "vit_base": ("mocov3_vit_b.yaml", {"model.arch": "vit_base"}),
     "vit_large": ("mocov3_vit_b.yaml", {"model.arch": "vit_large"}),
     "vit_huge": ("mocov3_vit_b.yaml", {"model.arch": "vit_huge", "model.patch_size": 14}),
