@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from dist_utils import run_ranks
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
@@ -105,6 +106,39 @@ def test_checkpointing_saves_activation_memory() -> None:
     plain = _vit(patch=4)
     checkpointed = _vit(patch=4, activation_checkpointing=True)
     assert saved_bytes(checkpointed) < 0.5 * saved_bytes(plain)
+
+
+def _saved_bytes_per_backend(rank: int, world: int) -> None:
+    from moco_scale.config import Config, MocoConfig
+    from moco_scale.distributed.comm import DistInfo
+    from moco_scale.train import build_engine
+
+    ctx = DistInfo(rank, world, rank, world, torch.device("cpu"))
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    for backend in ("fsdp", "deepspeed"):
+        saved = {}
+        for checkpointing in (False, True):
+            cfg = Config(model=ModelConfig("vit_tiny", patch_size=8, activation_checkpointing=checkpointing))
+            cfg.moco = MocoConfig("v3", dim=16, mlp_dim=32, shuffle_bn="sync")
+            cfg.engine.backend, cfg.engine.precision, cfg.engine.cuda_graph_ema = backend, "fp32", False
+            cfg.data.image_size, cfg.train.batch_size = 32, 4
+            _, engine = build_engine(cfg, ctx, peak_lr=0.1)
+            total = 0
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                nonlocal total
+                total += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                engine._forward(*views, step=0)
+            saved[checkpointing] = total
+        assert saved[True] < 0.25 * saved[False], (backend, saved)
+
+
+def test_checkpointing_saves_activation_memory_under_fsdp2_and_deepspeed() -> None:
+    """What the engine's forward keeps for the backward pass, with the blocks sharded (FSDP2) or not."""
+    run_ranks(_saved_bytes_per_backend, 2)
 
 
 def test_vit_config_checks() -> None:
