@@ -129,18 +129,35 @@ def detectron2_names(backbone: dict[str, torch.Tensor], arch: str) -> dict[str, 
     return {"model": model, "__author__": "moco_scale", "matching_heuristics": True}
 
 
-LOADERS = {  # layout -> how the file loads, with {out} and {arch}
-    "torchvision": (
-        "model = torchvision.models.{arch}()\nmodel.fc = torch.nn.Identity()  # a ViT: model.heads\n"
-        'model.load_state_dict(torch.load("{out}", weights_only=True), strict=True)'
-    ),
-    "timm": (
-        'model = timm.create_model("{arch}", num_classes=0)  # timm\'s name for these sizes\n'
-        'model.load_state_dict(torch.load("{out}", weights_only=True), strict=True)'
-    ),
-    "fbmoco": "python main_lincls.py -a {arch} --pretrained {out} --lr 30.0 ... /path/to/imagenet  # fb/moco",
-    "detectron2": "python tools/train_net.py --config-file <a detectron2 R50 config> MODEL.WEIGHTS {out}",
-}
+LAYOUTS = ("torchvision", "timm", "fbmoco", "detectron2")
+
+
+def loading_lines(layout: str, out: str, arch: str, model: dict[str, Any], image_size: int) -> str:
+    """How the file ``out`` of ``layout`` loads, for the model card."""
+    strict = f'model.load_state_dict(torch.load("{out}", weights_only=True), strict=True)'
+    if layout == "fbmoco":
+        return f"python main_lincls.py -a {arch} --pretrained {out} --lr 30.0 ... /path/to/imagenet  # fb/moco"
+    if layout == "detectron2":
+        return f"python tools/train_net.py --config-file <a detectron2 R50 config> MODEL.WEIGHTS {out}"
+    if arch in VIT_SPECS:
+        width, layers, heads = VIT_SPECS[arch]
+        patch = model.get("patch_size", 16)
+        if layout == "timm":
+            build = (
+                "model = timm.models.vision_transformer.VisionTransformer(img_size="
+                f"{image_size}, patch_size={patch}, embed_dim={width}, depth={layers}, num_heads={heads}, "
+                "num_classes=0)"
+            )
+        else:
+            build = (
+                f"model = torchvision.models.VisionTransformer({image_size}, {patch}, {layers}, {heads}, {width}, "
+                f"{4 * width})\nmodel.heads = torch.nn.Identity()"
+            )
+    elif layout == "timm":
+        build = f'model = timm.create_model("{arch}", num_classes=0)'
+    else:
+        build = f"model = torchvision.models.{arch}()\nmodel.fc = torch.nn.Identity()"
+    return f"{build}\n{strict}"
 
 
 def model_card(ckpt: Path, out: Path, layout: str, meta: dict[str, Any]) -> str:
@@ -170,12 +187,13 @@ def model_card(ckpt: Path, out: Path, layout: str, meta: dict[str, Any]) -> str:
         ("layout", layout),
     ]
     table = "\n".join(f"| {label} | {value} |" for label, value in rows)
-    code = LOADERS[layout].format(out=out.name, arch=arch)
+    code = loading_lines(layout, out.name, arch, model, data.get("image_size", 224))
     intro = f"# {out.name}\n\nThe query backbone of a MoCo pretraining run.\n\n| | |\n|---|---|\n"
     return f"{intro}{table}\n\nLoad it:\n\n```\n{code}\n```\n"
 
 
 def card_path(out: Path) -> Path:
+    """Where the model card of ``out`` goes: beside it, its suffix ``.md``."""
     return out.with_suffix(".md") if out.suffix and out.suffix != ".md" else out.with_name(out.name + ".card.md")
 
 
@@ -276,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", help="checkpoint folder, a run's checkpoints folder, or a run directory")
     parser.add_argument("out", nargs="?", help="output file (not with --inspect)")
-    parser.add_argument("--layout", choices=tuple(LOADERS), default="torchvision")
+    parser.add_argument("--layout", choices=LAYOUTS, default="torchvision")
     parser.add_argument("--inspect", action="store_true", help="describe the checkpoint instead of exporting")
     args = parser.parse_args(argv)
     if args.inspect == (args.out is not None):

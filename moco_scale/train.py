@@ -206,7 +206,8 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         else []
     )
     logger = MetricsLogger(run_dir, total_steps, start_step, ctx.is_main, cfg.train.progress, sinks)
-    logger.headline.update(saved.get("metrics", {}))  # until this run logs its own
+    if ctx.is_main:  # rank 0 logs, and its headline (the checkpoint's until this run logs) is what is saved
+        logger.headline.update(saved.get("metrics", {}))
     commit = code_version() if ctx.is_main else ""
 
     def save(step: int) -> None:

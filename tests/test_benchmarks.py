@@ -82,7 +82,7 @@ def test_quality_resume_keeps_finished_runs_and_runs_only_the_rest(
     earlier.write_text(json.dumps({"seeds": [0, 1], "curves": curves}))  # string step keys, as JSON has them
     trained: list[tuple[str, int]] = []
 
-    def run_arm(arm: str, flags: dict, work: Path, image_folder: Path) -> dict:
+    def run_arm(arm: str, protocol: str, flags: dict, work: Path, image_folder: Path) -> dict:
         trained.append((arm, flags["train.seed"]))
         return fake_run(3.0)
 

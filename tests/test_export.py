@@ -247,6 +247,27 @@ def test_every_export_writes_a_model_card(run_dir: Path, tmp_path: Path) -> None
         assert re.search(r"moco_scale [0-9a-f]{40}", card) or "moco_scale unknown" in card
 
 
+def _run_card_code(out: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+    """Run the loading lines of ``out``'s model card beside it, as a user pastes them; the model they build."""
+    timm = pytest.importorskip("timm")
+    code = export.card_path(out).read_text().split("```\n")[1]
+    monkeypatch.chdir(out.parent)
+    namespace = {"torch": torch, "torchvision": torchvision, "timm": timm}
+    exec(code, namespace)  # a strict load_state_dict: raises on any missing or unexpected key
+    return namespace["model"]
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "timm"])
+def test_the_model_cards_loading_lines_load_the_export(
+    run_dir: Path, vit_run: Path, tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, source in (("resnet", run_dir), ("vit", vit_run)):
+        out = tmp_path / f"{name}_{layout}.pt"
+        assert export.main([str(source), str(out), "--layout", layout]) == 0
+        model = _run_card_code(out, monkeypatch)
+        assert sum(p.numel() for p in model.parameters()) > 0
+
+
 def test_detectron2_layout_refuses_a_vit(vit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert export.main([str(vit_run), str(tmp_path / "vit.pkl"), "--layout", "detectron2"]) == 2
     assert "error: --layout detectron2 is for ResNets; vit_tiny is a ViT" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Each logger gets every record ``metrics.jsonl`` gets, under the same names (grouped as ``train/``, ``knn/``
 and ``stage_ms/``), the health warnings as text, and the resolved config as hyper-parameters. Rank 0 only.
-A resumed run continues the same TensorBoard folder (events at and after the resumed step are purged) and
+A resumed run continues the same TensorBoard folder (the events after its checkpoint's step are purged) and
 the same W&B run (its id is kept in the checkpoint).
 """
 
@@ -18,9 +18,11 @@ import yaml
 
 from moco_scale.observe.profiling import STAGE_PREFIX
 
-# logger -> (the module it needs, the extra that installs it)
-LOGGERS: dict[str, tuple[str, str] | None] = {"jsonl": None, "tensorboard": ("tensorboard", "tensorboard")}
-LOGGERS["wandb"] = ("wandb", "wandb")
+LOGGERS: dict[str, tuple[str, str] | None] = {  # logger -> (the module it needs, the extra that installs it)
+    "jsonl": None,
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+}
 WANDB_HOST = ("api.wandb.ai", 443)
 
 
