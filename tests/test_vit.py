@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -88,24 +89,25 @@ def test_activation_checkpointing_gives_the_same_gradients_and_statistics(arch: 
         assert torch.equal(b, c), name  # BN's running statistics moved once, not again in the recompute
 
 
+def _saved_bytes(forward: Callable[[], object]) -> int:
+    """What autograd keeps for the backward pass while ``forward`` runs, counted by saved-tensor hooks."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return total
+
+
 def test_checkpointing_saves_activation_memory() -> None:
-    """Fewer tensors kept for the backward pass: the saved-tensor hooks count what autograd stores."""
-
-    def saved_bytes(model: nn.Module) -> int:
-        total = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(torch.randn(8, 3, 32, 32)).sum()
-        return total
-
+    x = torch.randn(8, 3, 32, 32)
     plain = _vit(patch=4)
     checkpointed = _vit(patch=4, activation_checkpointing=True)
-    assert saved_bytes(checkpointed) < 0.5 * saved_bytes(plain)
+    assert _saved_bytes(lambda: checkpointed(x)) < 0.5 * _saved_bytes(lambda: plain(x))
 
 
 def _saved_bytes_per_backend(rank: int, world: int) -> None:
@@ -123,16 +125,7 @@ def _saved_bytes_per_backend(rank: int, world: int) -> None:
             cfg.engine.backend, cfg.engine.precision, cfg.engine.cuda_graph_ema = backend, "fp32", False
             cfg.data.image_size, cfg.train.batch_size = 32, 4
             _, engine = build_engine(cfg, ctx, peak_lr=0.1)
-            total = 0
-
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                nonlocal total
-                total += t.numel() * t.element_size()
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                engine._forward(*views, step=0)
-            saved[checkpointing] = total
+            saved[checkpointing] = _saved_bytes(lambda engine=engine: engine._forward(*views, step=0))
         assert saved[True] < 0.25 * saved[False], (backend, saved)
 
 
