@@ -102,7 +102,8 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
     else:
         model = moco()
         model.initialise(cfg.train.seed)
-        channels_last = uses_channels_last(cfg, ctx)
+        # FSDP2 (built whole when engine.sharded_build=false) shards contiguous parameters only.
+        channels_last = uses_channels_last(cfg, ctx) and cfg.engine.backend != "fsdp"
         model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
