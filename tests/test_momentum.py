@@ -63,6 +63,27 @@ def test_fused_update_matches_reference_loop(policy: str) -> None:
     assert moved == (policy != "own")
 
 
+@pytest.mark.parametrize("policy", ["own", "ema"])
+def test_update_follows_a_move_or_recast_after_the_first_step(policy: str) -> None:
+    """``.double()`` (a re-cast) and ``.to(channels_last)`` after the first updates swap every parameter's storage
+    and replace the buffers; the updater must move the tensors the modules hold now, not the old ones."""
+    online, target = _pair()
+    ref_online, ref_target = copy.deepcopy(online), copy.deepcopy(target)
+    updater = MomentumUpdater(online, target, policy, cuda_graph=False)
+    moves = {2: lambda module: module.double(), 4: lambda module: module.to(memory_format=torch.channels_last)}
+    for step, m in enumerate([0.99, 0.9, 0.999, 0.5, 0.97, 0.8]):
+        if step in moves:
+            for module in (online, target, ref_online, ref_target):
+                moves[step](module)
+        updater(m)
+        _reference_step(ref_online, ref_target, m, policy)
+        _perturb(online, step)
+        _perturb(ref_online, step)
+    assert next(target.parameters()).dtype == torch.float64
+    for ours, ref in zip(target.state_dict().values(), ref_target.state_dict().values(), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_momentum_one_freezes_and_zero_copies() -> None:
     online, target = _pair()
     before = [p.clone() for p in target.parameters()]
@@ -89,6 +110,9 @@ def test_cuda_graph_update_matches_reference_loop() -> None:
     ref_online, ref_target = copy.deepcopy(online), copy.deepcopy(target)
     updater = MomentumUpdater(online, target, "ema", cuda_graph=True)
     for step, m in enumerate([0.99, 0.9, 0.999, 0.5, 0.97, 0.995]):
+        if step == 3:  # a move after capture: the graph must be captured again on the new storage
+            for module in (online, target, ref_online, ref_target):
+                module.to(memory_format=torch.channels_last)
         updater(m)
         _reference_step(ref_online, ref_target, m, "ema")
         _perturb(online, step)

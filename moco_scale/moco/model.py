@@ -134,7 +134,7 @@ class MoCo(nn.Module):
     def momentum_update(self, momentum: float) -> None:
         """key encoder <- momentum * key encoder + (1 - momentum) * query encoder (BN buffers per
         ``key_bn_buffers``). The engine calls it once per step, before :meth:`forward`."""
-        if self._updater is None:  # built on first use: moving the module replaces its buffers
+        if self._updater is None:  # built on first use, after the engine has placed the module
             self._updater = MomentumUpdater(
                 self.encoder_q, self.encoder_k, self.key_bn_buffers, self.cuda_graph_ema, self._local_shard
             )
