@@ -18,11 +18,15 @@ stack (webdataset, fire), which the GPU machine lacks.
 
 Phases (the JSON is rewritten after each, so a time-out keeps what was measured):
 
+0. ``correctness``: ``benchmarks/gpu_checks.py``, each check pass/fail on its own (the EMA's CUDA graph
+   bitwise, short bf16 runs that learn, fp32 against the CPU, placement and dtypes, channels-last against
+   contiguous, single-process shuffle-BN against the CPU); ``--checks placement`` keeps only the check of
+   the suite's own engine (the ViT run in ``gpu_suite.sh``, after the ResNet's run made the rest).
 1. ``throughput``: ``benchmarks/throughput.py: measure_methods`` on, interleaved,
    ``engine`` (``DeepSpeedEngine`` ZeRO 0, or when DeepSpeed does not import, ``plain``), on CUDA the same
-   with ``torch.backends.cudnn.benchmark`` on, and ``plain`` (our module and optimizer stepped by hand with
-   the same autocast policy, no DeepSpeed); pairs/s from CUDA events with the stage timer off, then the
-   breakdown (the timer synchronises at every stage boundary) and ``max_memory_allocated``.
+   with ``torch.backends.cudnn.benchmark`` on, and ``plain`` (``LocalEngine``: the same step on our module
+   and optimizer with the same autocast policy, no DeepSpeed); pairs/s from CUDA events with the stage timer
+   off, then the breakdown (the timer synchronises at every stage boundary) and ``max_memory_allocated``.
 2. ``ema``: ``benchmarks/ema.py: bench_device`` on the model's own encoders: the fused update (CUDA
    graph replay) vs the per-parameter loop vs one multi-tensor copy.
 3. ``max_batch``: the largest batch for which one training step of the engine runs: doubling from
@@ -45,18 +49,20 @@ import torch
 
 from moco_scale.config import MocoConfig, ModelConfig
 from moco_scale.distributed.comm import init_distributed
-from moco_scale.moco import MoCo, MocoOutput
+from moco_scale.engine.local import LocalEngine
+from moco_scale.moco import MoCo
 from moco_scale.models import VIT_SPECS, build_backbone
-from moco_scale.observe import profiling
 from moco_scale.optim import build_optimizer, linear_scaled_lr
 
 try:
     from benchmarks._common import environment, format_table, write_json
     from benchmarks.ema import bench_device
+    from benchmarks.gpu_checks import correctness_phase
     from benchmarks.throughput import measure_methods, summarise_method
 except ModuleNotFoundError:  # run as ``python benchmarks/gpu_suite.py``: the script's folder is on sys.path
     from _common import environment, format_table, write_json
     from ema import bench_device
+    from gpu_checks import correctness_phase
     from throughput import measure_methods, summarise_method
 
 GOAL_PAIRS_PER_S = {"resnet50": 7000, "vit_base": 1500}  # issue goals, per H100/H200, compute only
@@ -91,7 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--queue", type=int, default=65536, help="K")
-    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default bf16 (fp32 for a CPU --tiny)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], help="default bf16 (fp32 for a CPU --tiny)")
+    parser.add_argument(
+        "--checks", choices=["all", "placement", "none"], default="all", help="the correctness phase's checks"
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per method first")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
@@ -123,43 +132,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class PlainEngine:
-    """Our MoCo step without DeepSpeed or a process group: momentum update, forward under the engine's autocast
-    policy, backward, optimizer. The same stages as ``TrainEngine.train_step``, so the breakdowns line up (no
-    ``comm``: one device; no agreement on finiteness, no rollback).
-    """
-
-    def __init__(self, model: MoCo, optimizer: torch.optim.Optimizer, precision: str, device: torch.device):
-        self.model, self.optimizer, self.device = model, optimizer, device
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-    def train_step(
-        self, view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float, step: int
-    ) -> MocoOutput:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with profiling.stage("ema"):
-            self.model.momentum_update(momentum)
-        with (
-            torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None),
-            profiling.stage("query_fwd_bwd"),
-            profiling.timed_calls(self.model, "encode_keys", "key_fwd"),
-            profiling.timed_calls(self.model, "contrast", "queue_loss"),
-        ):
-            out: MocoOutput = self.model(view1, view2, step=step)
-        with profiling.stage("query_fwd_bwd"):
-            self.optimizer.zero_grad(set_to_none=True)
-            (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()
-        with profiling.stage("optimizer"):
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        return MocoOutput(out.loss.detach(), out.inst_acc.detach())
-
-
 def build(args: argparse.Namespace, device: torch.device, world_size: int) -> tuple[MoCo, dict[str, Any], float]:
     """The model on ``device`` and its engines: ``engine`` (DeepSpeed if it imports) and ``plain``."""
     torch.manual_seed(0)
@@ -182,7 +154,7 @@ def build(args: argparse.Namespace, device: torch.device, world_size: int) -> tu
             notes.append(f"DeepSpeed unavailable ({type(exc).__name__}: {exc}); timing the step without it")
             traceback.print_exc()
     plain_optimizer = optimizer_for(model, args, lr, device)
-    engines["plain"] = PlainEngine(model, plain_optimizer, args.precision, device)
+    engines["plain"] = LocalEngine(model, plain_optimizer, args.precision)
     if "engine" not in engines:
         engines["engine"] = engines["plain"]
     engines["notes"] = notes
@@ -298,8 +270,18 @@ def max_batch_phase(
     }
 
 
+def checks_phase(args: argparse.Namespace, engine: Any, device: torch.device) -> dict[str, Any]:
+    if args.checks == "none":
+        return {}
+    views = synthetic_views(args.batch, args, device)
+    return correctness_phase(engine, args.precision, device, views, general=args.checks == "all")
+
+
 def print_summary(payload: dict[str, Any]) -> None:
-    rows: list[list[object]] = []
+    rows: list[list[object]] = [
+        [f"check {name}", f"{check['status'].upper()}: {check['detail']}"]
+        for name, check in payload.get("correctness", {}).items()
+    ]
     goal = GOAL_PAIRS_PER_S.get(payload["args"]["arch"])
     tp = payload.get("throughput", {})
     for name, s in tp.items():
@@ -364,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for note in payload["notes"]:
         print(f"note: {note}", flush=True)
     phases: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("correctness", lambda: checks_phase(args, engines["engine"], device)),
         ("throughput", lambda: throughput_phase(args, engines, lr, device)),
         ("ema", lambda: ema_phase(args, model, device)),
         ("max_batch", lambda: max_batch_phase(args, engines["engine"], lr, device, deadline)),
@@ -382,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             payload.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
         payload.setdefault("phase_seconds", {})[name] = time.monotonic() - t0
         write_json(args.json, payload)
+    checks = payload.get("correctness", {})
+    payload["checks_failed"] = sorted(name for name, check in checks.items() if check["status"] == "fail")
     if "throughput" in payload and "engine" in payload["throughput"]:
         payload["pairs_per_s_compute"] = payload["throughput"]["engine"]["pairs_per_s"]
         goal = GOAL_PAIRS_PER_S.get(args.arch)

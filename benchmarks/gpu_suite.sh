@@ -33,5 +33,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 timeout --signal=INT --kill-after=20 300 "$PYTHON" benchmarks/gpu_suite.py --budget-s 250 --json "$OUT/gpu_suite.json" "$@" 2>&1 \
     | tee "$OUT/gpu_suite.log"
 # ViT-B/16 MoCo v3 (issue 15's goal: >= 1,500 pairs/s per H200, compute only), after the ResNet's figures are safe
-timeout --signal=INT --kill-after=20 200 "$PYTHON" benchmarks/gpu_suite.py --arch vit_base --budget-s 150 \
+timeout --signal=INT --kill-after=20 200 "$PYTHON" benchmarks/gpu_suite.py --arch vit_base --checks placement --budget-s 150 \
     --json "$OUT/gpu_suite_vit_b.json" "$@" 2>&1 | tee "$OUT/gpu_suite_vit_b.log"

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moco_scale.data.dali import dali_available
+from moco_scale.moco.momentum import MomentumUpdater
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
         ("sharded_queue.py", "ratio_at_largest_k"),  # 2 ranks, a fresh pair per method
         ("memory.py", "train_peak_mib_max"),  # 2 ranks, vit_tiny: ZeRO-0, FSDP2 sharded and whole
         pytest.param("throughput.py", "ratio_vs_reference", marks=pytest.mark.slow),  # 2 ranks, ours and fb/moco's
-        ("gpu_suite.py", "pairs_per_s_compute"),  # its CPU dry run
         pytest.param(
             "quality.py", "knn_top1_ours", marks=pytest.mark.slow
         ),  # vit_tiny, 4 steps: ours, moco-v3 reference
@@ -99,8 +100,55 @@ def test_gpu_suite_dry_run_of_the_vit(tmp_path: Path) -> None:
     """``--arch vit_base`` (issue 15's GPU row) in its CPU dry run: MoCo v3 on vit_tiny, every phase."""
     out = tmp_path / "vit.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--arch", "vit_base"]
+    cmd += ["--checks", "placement"]  # as gpu_suite.sh runs it, after the ResNet's run made the other checks
     result = subprocess.run([*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     payload = json.loads(out.read_text())
     assert payload["title"].startswith("gpu_suite: vit_tiny MoCo v3") and payload["pairs_per_s_compute"] > 0
     assert payload["max_batch"]["largest_batch_that_fits"] == 24 and not payload.get("failed")
+    assert list(payload["correctness"]) == ["placement"] and payload["checks_failed"] == []
+
+
+def test_gpu_suite_dry_run_runs_every_check(tmp_path: Path) -> None:
+    """The ResNet's CPU dry run (CI's): the correctness phase's every check runs and passes (the GPU decode is
+    skipped until it exists), then the timed phases."""
+    out = tmp_path / "gpu_suite.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--json", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    checks = payload["correctness"]
+    expected = {"placement", "ema", "memory_format", "split_bn", "decode"}
+    assert expected <= set(checks) and {"training_resnet18_v2", "training_vit_tiny_v3", "cpu_twin_resnet18_v2"} <= set(
+        checks
+    )
+    assert {name for name, check in checks.items() if check["status"] != "pass"} == {"decode"}, checks
+    assert payload["checks_failed"] == [] and payload["pairs_per_s_compute"] > 0
+    table = result.stdout[result.stdout.index("| what") :]
+    assert table.splitlines()[2].startswith("| check placement") and "PASS" in table  # the checks come first
+
+
+class FrozenMomentum(MomentumUpdater):
+    """A broken update: the first momentum forever, as a graph captured with the momentum baked in."""
+
+    def __call__(self, momentum: float) -> None:
+        self.first = getattr(self, "first", momentum)
+        super().__call__(self.first)
+
+
+class BlindToMoves(MomentumUpdater):
+    """A broken update: keeps the tensors it first resolved after the module is moved or re-cast."""
+
+    def _current_placement(self) -> tuple[int, ...]:
+        return getattr(self, "_placement", ())
+
+
+@pytest.mark.parametrize("broken", [FrozenMomentum, BlindToMoves])
+def test_the_ema_check_fails_for_a_broken_update(monkeypatch: pytest.MonkeyPatch, broken: type) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_checks import check_ema
+
+    assert check_ema(torch.device("cpu"), steps=16)["status"] == "pass"
+    monkeypatch.setattr("moco_scale.moco.model.MomentumUpdater", broken)
+    result = check_ema(torch.device("cpu"), steps=16)
+    assert result["status"] == "fail" and result["tensors_differing"] > 0, result["detail"]

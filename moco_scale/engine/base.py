@@ -37,9 +37,10 @@ def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def agree(nonfinite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
     """Whether any rank saw a non-finite step, and whether any rank was asked to stop: one all-reduce
-    of two flags, the only host sync a step makes."""
+    of two flags, the only host sync a step makes (without a process group, this process's own flags)."""
     flags = torch.stack([nonfinite.float(), nonfinite.new_tensor(float(stop_requested), dtype=torch.float32)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     skipped, stop = flags.tolist()
     return skipped > 0, stop > 0
 
@@ -104,7 +105,7 @@ class CheckpointLayout(ABC):
         """Every tensor of the MoCo module (both encoders, heads, queue, BN buffers), whole, on the CPU."""
 
 
-class TrainEngine(ABC):
+class StepEngine(ABC):
     """Owns the wrapped model, the optimizer and the precision policy; :meth:`train_step` is the same MoCo
     step on every backend, and a backend supplies its mechanics (forward, backward, finiteness, update).
 
@@ -115,9 +116,7 @@ class TrainEngine(ABC):
 
     model: MoCo  # the unwrapped module: encoders, head, queue
     optimizer: torch.optim.Optimizer  # what the learning rate is set on
-    layout: CheckpointLayout  # the files its save_checkpoint writes
     step_rollback: StepRollback
-    reshardable: bool  # whether its checkpoints resume on another world size
 
     def train_step(
         self,
@@ -175,6 +174,17 @@ class TrainEngine(ABC):
     def _optimizer_step(self, skipped: bool) -> None:
         """The optimizer step, or (``skipped``) the backend's bookkeeping without one; gradients are cleared."""
 
+    def query_backbone(self) -> nn.Module:
+        """The query backbone, whole, to evaluate (a collective call under a sharding backend)."""
+        return self.model.encoder_q.backbone
+
+
+class TrainEngine(StepEngine):
+    """A backend the training loop runs: the step, and the checkpoints it writes and reads back."""
+
+    layout: CheckpointLayout  # the files its save_checkpoint writes
+    reshardable: bool  # whether its checkpoints resume on another world size
+
     @abstractmethod
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         """Every rank writes its shard of the model and optimizer state under ``save_dir/tag``."""
@@ -183,10 +193,6 @@ class TrainEngine(ABC):
     def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int) -> None:
         """Restore what :meth:`save_checkpoint` wrote on ``saved_world_size`` ranks, re-cutting sharded
         state when the world size has changed."""
-
-    def query_backbone(self) -> nn.Module:
-        """The query backbone, whole, to evaluate (a collective call under a sharding backend)."""
-        return self.model.encoder_q.backbone
 
 
 class WholeBackboneCopy:

@@ -102,10 +102,13 @@ class MomentumUpdater:
             torch._foreach_lerp_(self.buffers_target, self.buffers_online, 1.0 - momentum)
         if self.copy_dst:
             torch._foreach_copy_(self.copy_dst, self.copy_src)
-        if not self.use_graph:
+        if self._weight.device.type != "cuda":  # one lerp per tensor list; CPUs have no graphs
             self._update_parameters(1.0 - momentum)
             return
-        self._weight.fill_(1.0 - momentum)
+        self._weight.fill_(1.0 - momentum)  # on CUDA always through the device tensor: eager equals graph bitwise
+        if not self.use_graph:
+            self._update_parameters(self._weight)
+            return
         if self._graph is None:
             # The first step runs eagerly on a side stream (also the warm-up), then is captured.
             side = torch.cuda.Stream()
