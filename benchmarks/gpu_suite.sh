@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# ResNet-50 MoCo v2, then ViT-B/16 MoCo v3, on one GPU (about 6 minutes, at most 9): pairs/s and the stage breakdown at
+# The correctness checks (benchmarks/gpu_checks.py, under a minute), then ResNet-50 MoCo v2 and ViT-B/16 MoCo v3
+# on one GPU (about 6 minutes, at most 9): pairs/s and the stage breakdown at
 # batch 256 (bf16, channels_last, synthetic views on the device), the EMA (CUDA graph vs per-parameter loop),
 # and the largest batch that fits; a short table printed last; JSON and log under $OUT.
 #
