@@ -10,6 +10,9 @@ Arms, each on 2 gloo ranks, fp32:
 - ``ref-pil``: the same reference fed by fb/moco's data path (``benchmarks/reference_data.py``: the demo's
   training images unpacked into an ImageFolder tree, PIL transforms from the same augmentation spec,
   a DistributedSampler).
+- ``ref-our-init`` (an A/B, only when named in ``--arms``): ``ref-our-loader`` started from our launcher's
+  initial module (``our_initial_state``) instead of its own draw, so that it differs from ``ours-dali`` in the
+  training step's code alone.
 
 Protocols (``--protocols``): ``demo`` is ``configs/demo.yaml`` as it is; ``divergent`` is the one on which
 fb/moco's code and ours were seen to part (issue 13): 64 px digits, ResNet-18, K=256, T=0.1, m=0.99, SGD
@@ -56,11 +59,14 @@ from moco_scale.data.loader import two_view_batches
 from moco_scale.data.shards import StreamSpec, list_shards
 from moco_scale.distributed.comm import free_port, shutdown_distributed
 from moco_scale.eval.knn import KnnMonitor
+from moco_scale.moco import MoCo
+from moco_scale.models import build_backbone
 from moco_scale.optim import learning_rate, linear_scaled_lr
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
-ARMS = ("ours-dali", "ours-torch", "ref-our-loader", "ref-pil")
+ARMS = ("ours-dali", "ours-torch", "ref-our-loader", "ref-pil", "ref-our-init")  # the last: an A/B, not a default
+DEFAULT_ARMS = ARMS[:4]
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "demo": {},
     "divergent": {
@@ -88,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--protocols", nargs="+", choices=tuple(PROTOCOLS), default=list(PROTOCOLS))
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS))
     parser.add_argument("--steps", type=int, default=0, help="0: the protocol's train.max_steps")
     parser.add_argument("--json", default="")
     parser.add_argument("--plot", default="", help="PNG of the loss and instance-accuracy curves")
@@ -135,12 +141,17 @@ def run_ours(config: Path, flags: dict[str, Any], backend: str, run_dir: Path) -
     return {key: {r["step"]: r[key] for r in records if key in r} for key in ("loss", "inst_acc", "knn_top1")}
 
 
-def reference(cfg: Config) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], Callable[[], torch.nn.Module]]:
+def reference(
+    cfg: Config, initial: dict[str, torch.Tensor] | None = None
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], Callable[[], torch.nn.Module]]:
     """The reference of ``cfg.moco.version`` (fb/moco's for v1/v2, moco-v3's for v3): its training step, which
-    sets the learning rate (and the key momentum) of each step itself, and its backbone for the kNN monitor."""
+    sets the learning rate (and the key momentum) of each step itself, and its backbone for the kNN monitor.
+    ``initial``: a v1/v2 module state to start from (``our_initial_state``) instead of its own draw."""
     m, t, o = cfg.moco, cfg.train, cfg.optim
     peak_lr = linear_scaled_lr(o.base_lr, t.batch_size * WORLD)
     if m.version == "v3":
+        if initial is not None:
+            raise ValueError("the initialisation A/B (ref-our-init) is written for MoCo v1/v2")
         v3 = ReferenceMoCoV3(cfg.model.arch, cfg.data.image_size, cfg.model.patch_size, m.dim, m.mlp_dim, m.temperature)
         trainer = ReferenceV3Trainer(v3, peak_lr, o.weight_decay, o.warmup_steps, t.max_steps, m.momentum)
 
@@ -151,6 +162,10 @@ def reference(cfg: Config) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any],
 
         return trainer.train_step, v3_backbone
     v2 = ReferenceMoCo(cfg.model.arch, m.dim, m.version == "v2", m.queue_size, m.momentum, m.temperature)
+    if initial is not None:
+        missing, unexpected = v2.load_state_dict(initial, strict=False)
+        if missing != ["queue_ptr"] or unexpected:
+            raise ValueError(f"our module does not map onto the reference's: missing {missing}, extra {unexpected}")
     v2_trainer = ReferenceTrainer(v2, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
     steps = itertools.count()
 
@@ -168,13 +183,25 @@ def reference(cfg: Config) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any],
     return train_step, v2_backbone
 
 
+def our_initial_state(cfg: Config) -> dict[str, torch.Tensor]:
+    """Our launcher's initial MoCo v1/v2 module for ``cfg`` (the whole build, drawn by name from the seed) under the
+    reference's names: ``encoder_*.backbone.X`` -> ``encoder_*.X``, the head -> ``fc``, the queue transposed."""
+    ours = MoCo(build_backbone(cfg.model, cfg.data.image_size), cfg.moco, world_size=WORLD, cuda_graph_ema=False)
+    ours.initialise(cfg.train.seed)
+    state = {"queue": ours.queue.keys.T.contiguous()}
+    for name, tensor in ours.state_dict().items():
+        if not name.startswith("queue."):
+            state[name.replace(".backbone.", ".").replace(".head.", ".fc.")] = tensor
+    return state
+
+
 def reference_worker(rank: int, port: int, cfg: Config, loader: str, image_folder: str, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     torch.manual_seed(cfg.train.seed)  # the same initial weights (and queue) on every rank
     t = cfg.train
-    train_step, backbone = reference(cfg)
+    train_step, backbone = reference(cfg, our_initial_state(cfg) if loader == "ours-init" else None)
     demo = ensure_demo_shards()
     train, val = list_shards(str(demo["train"])), list_shards(str(demo["val"]))
     monitor = KnnMonitor(train, val, cfg.data.image_size, cfg.eval, rank, WORLD)
@@ -218,7 +245,8 @@ def run_arm(arm: str, protocol: str, flags: dict[str, Any], work: Path, image_fo
     if arm.startswith("ours-"):
         return run_ours(config, flags, arm.removeprefix("ours-"), work / arm)
     cfg = load_config(config, flags)
-    return run_reference(cfg, "pil" if arm == "ref-pil" else "ours", image_folder, work / f"{arm}.json")
+    loader = {"ref-pil": "pil", "ref-our-init": "ours-init"}.get(arm, "ours")  # ours-init: our loader too
+    return run_reference(cfg, loader, image_folder, work / f"{arm}.json")
 
 
 def one_line(run: dict[str, Any]) -> str:

@@ -152,3 +152,28 @@ def test_the_ema_check_fails_for_a_broken_update(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("moco_scale.moco.model.MomentumUpdater", broken)
     result = check_ema(torch.device("cpu"), steps=16)
     assert result["status"] == "fail" and result["tensors_differing"] > 0, result["detail"]
+
+
+def test_our_initial_module_maps_onto_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ref-our-init`` (issue 13's A/B of the initialisation): the reference loads our launcher's initial module
+    and its query encoder then computes what ours computes."""
+    from moco_scale.config import load_config
+    from moco_scale.models import build_backbone
+    from moco_scale.moco import MoCo
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from quality import our_initial_state, protocol_flags
+    from reference_moco import ReferenceMoCo
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", protocol_flags("divergent", 1, 1))
+    m = cfg.moco
+    reference = ReferenceMoCo(cfg.model.arch, m.dim, True, m.queue_size, m.momentum, m.temperature)
+    missing, unexpected = reference.load_state_dict(our_initial_state(cfg), strict=False)
+    assert missing == ["queue_ptr"] and not unexpected
+    ours = MoCo(build_backbone(cfg.model, cfg.data.image_size), m, world_size=2, cuda_graph_ema=False)
+    ours.initialise(cfg.train.seed)
+    assert torch.equal(reference.queue, ours.queue.keys.T)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reference.encoder_q.eval()(x), ours.encoder_q.eval()(x))
+        torch.testing.assert_close(reference.encoder_k.eval()(x), ours.encoder_k.eval()(x))
