@@ -8,6 +8,7 @@ the blur, a flat colour for the hue.
 
 from __future__ import annotations
 
+import colorsys
 import io
 from dataclasses import replace
 from pathlib import Path
@@ -152,8 +153,6 @@ def test_blur_strength_follows_the_sigma_range(tmp_path: Path) -> None:
 
 def _hues(views: torch.Tensor) -> torch.Tensor:
     """The HSV hue (in turns) of each view's mean colour, turned by half a turn so that red sits at 0.5."""
-    import colorsys
-
     colours = (views.mean((2, 3)) / 255).clamp(0, 1).tolist()
     return torch.tensor([(colorsys.rgb_to_hsv(*c)[0] + 0.5) % 1.0 for c in colours])
 
@@ -178,9 +177,10 @@ def test_brightness_and_contrast_spread_alike(
 
 
 def test_saturation_and_hue_spread_alike(photo: np.ndarray, tmp_path: Path) -> None:
-    """DALI scales saturation and turns hue in YIQ space, torchvision and PIL in HSV (see moco_scale.data.dali):
-    the same factors, measured in HSV, spread a little differently. Measured on these images: saturation means
-    within 1% (stds within 5%), the std of hue turns within 20% (0.071 against 0.059 turns, with hue 0.1)."""
+    """DALI scales saturation and turns hue in YIQ space, torchvision and PIL in HSV (see moco_scale.data.dali); the
+    torch loader scales saturation as torchvision does and turns hue as DALI does (moco_scale.data.batch_augment).
+    The same factors, measured in HSV, spread a little differently. Measured on these images: saturation means
+    within 1% (stds within 5%), the std of hue turns within 25% (0.071 against 0.058 turns, with hue 0.1)."""
     saturation = _per_loader(
         lambda v: (v.amax(1) - v.amin(1)).mean((1, 2)),  # the mean chroma
         photo,
@@ -194,8 +194,16 @@ def test_saturation_and_hue_spread_alike(photo: np.ndarray, tmp_path: Path) -> N
     flat[...] = (200, 80, 60)
     hue = ViewSpec(32, replace(JITTERED, jitter=(0.0, 0.0, 0.0, 0.1)))
     hues = _per_loader(_hues, flat, hue, tmp_path / "hue")
-    assert _same_distribution(hues["torch"], hues["pil"]), _report("hue", hues)
-    assert abs(hues["torch"].std() - 0.2 / 12**0.5) < 0.01  # U(-0.1, 0.1) turns
-    assert abs(hues["dali"].std() / hues["torch"].std() - 1) < 0.3, _report("hue", hues)
+    # DALI and the torch loader turn the YIQ chroma plane by U(-0.1, 0.1) turns: one distribution. torchvision and
+    # PIL turn the HSV hue, written out here for the flat colour; PIL (fb/moco's path) truncates the turn to whole
+    # 1/255 turns towards zero and holds H in 8 bits, a few % less spread. Measured in HSV, the YIQ turn of this
+    # colour spreads 23% more than the HSV one (0.071 against 0.058 turns) and sits 0.013 turns lower on average.
+    generator = torch.Generator().manual_seed(0)
+    turns = torch.empty(20 * DRAWS).uniform_(-0.1, 0.1, generator=generator)
+    exact = (colorsys.rgb_to_hsv(200 / 255, 80 / 255, 60 / 255)[0] + 0.5 + turns) % 1.0
+    report = _report("hue", {**hues, "exact": exact})
+    assert _same_distribution(hues["torch"], hues["dali"]), report
+    assert abs(hues["pil"].std() / exact.std() - 1) < 0.1, report
+    assert abs(hues["torch"].std() / exact.std() - 1) < 0.3 and abs(hues["torch"].mean() - exact.mean()) < 0.02, report
     in_turns = ViewSpec(32, replace(JITTERED, jitter=(0.0, 0.0, 0.0, 0.1 / 360)))  # what DALI would do with turns
     assert _hues(_draw("dali", flat, in_turns, tmp_path / "turns")).std() < 0.3 * hues["torch"].std()

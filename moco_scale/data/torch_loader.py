@@ -1,4 +1,4 @@
-"""The webdataset + torchvision two-view loader (the fallback backend).
+"""The webdataset two-view loader (the fallback backend): crops per image, augmentation per batch (``batch_augment``).
 
 Sharding. Each epoch, the shards are put in an order drawn from (seed, epoch) and their samples
 laid end to end; rank r takes the r-th of W equal contiguous blocks, so every sample is seen
@@ -29,7 +29,7 @@ import itertools
 import random
 import signal
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, blur_window
+from moco_scale.data.batch_augment import BatchAugment, crop_views
 from moco_scale.data.shards import IMAGE_EXTENSIONS, DataError, StreamSpec, excluded_samples, shard_sizes
 
 
@@ -167,7 +168,7 @@ class TwoViewStream(IterableDataset):
         self.sizes = shard_sizes(shards)
         self.total = sum(self.sizes.values())
         self.excluded = excluded_samples(shards)  # left out of the index by a shard check
-        self.transforms = (view_transform(views[0]), view_transform(views[1]))
+        self.views = views
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.dtype = dtype
@@ -269,14 +270,32 @@ class TwoViewStream(IterableDataset):
                     raise DataError("every sample failed to decode: the shards hold no usable image")
                 continue
             failed_in_a_row = 0
-            torch.manual_seed(hash((self.seed, epoch, place)) & 0x7FFF_FFFF_FFFF)
+            # the CPU generator only: torch.manual_seed also queues a seeding of every lazy device (CUDA, XPU,
+            # MTIA) with a formatted stack, 0.7 ms a sample
+            torch.default_generator.manual_seed(hash((self.seed, epoch, place)) & 0x7FFF_FFFF_FFFF)
             yield *image_label, (epoch, served, bad)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Per sample: each view's uint8 crop and random parameters (``batch_augment.crop_views``), the label and
+        the position; :class:`TwoViewCollate` makes the views of a batch of them."""
         reader, _ = self.reader()
         for image, label, position in self.decoded(self.start[reader] if self.start else (0, 0, 0)):
-            view1, view2 = self.transforms[0](image).to(self.dtype), self.transforms[1](image).to(self.dtype)
-            yield view1, view2, label, torch.tensor([reader, *position])
+            (crop1, params1), (crop2, params2) = crop_views(image, self.views)
+            yield crop1, params1, crop2, params2, label, torch.tensor([reader, *position])
+
+
+class TwoViewCollate:
+    """A DataLoader's ``collate_fn`` (run in its worker): a batch of :class:`TwoViewStream` samples to
+    ``(view1, view2, labels, positions)``, the views augmented as a batch (``batch_augment.BatchAugment``)."""
+
+    def __init__(self, views: tuple[ViewSpec, ViewSpec], dtype: torch.dtype = torch.float32):
+        self.augment = (BatchAugment(views[0], dtype), BatchAugment(views[1], dtype))
+
+    def __call__(self, samples: list[tuple]) -> tuple[torch.Tensor, ...]:
+        crop1, params1, crop2, params2, labels, positions = zip(*samples, strict=True)
+        view1 = self.augment[0](torch.stack(crop1), torch.stack(params1))
+        view2 = self.augment[1](torch.stack(crop2), torch.stack(params2))
+        return view1, view2, torch.tensor(labels), torch.stack(positions)
 
 
 class StreamBatches:
@@ -373,16 +392,24 @@ def two_view_loader(
     positions, batches, bad_before = resume_positions(state, readers, per_reader, batch_size, world_size)
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
     dataset.start, dataset.worker_offset = positions, batches % readers
-    loader = stream_loader(dataset, dataset.total, batch_size, world_size, workers, pin_memory)
+    collate = TwoViewCollate(stream.views, dtype)
+    loader = stream_loader(dataset, dataset.total, batch_size, world_size, workers, pin_memory, collate)
     left_out = sum(map(len, dataset.excluded.values()))
     return StreamBatches(loader, positions, batches, per_reader, world_size, left_out, bad_before)
 
 
 def stream_loader(
-    stream: IterableDataset, total: int, batch_size: int, world_size: int, workers: int, pin_memory: bool
+    stream: IterableDataset,
+    total: int,
+    batch_size: int,
+    world_size: int,
+    workers: int,
+    pin_memory: bool,
+    collate: Callable[[list], tuple] | None = None,
 ) -> DataLoader:
-    """Batches of a stream whose every reader (rank x worker) reads its own part of ``total`` samples;
-    a one-line :class:`DataError` when some reader would get none."""
+    """Batches of a stream whose every reader (rank x worker) reads its own part of ``total`` samples, put
+    together by ``collate`` (torch's default when None) in the worker; a one-line :class:`DataError` when some
+    reader would get none."""
     readers = max(1, workers)
     if total < world_size * readers:
         raise DataError(f"{total} samples cannot feed {world_size} ranks x {readers} loader workers")
@@ -394,4 +421,5 @@ def stream_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
         worker_init_fn=ignore_stop_signals,
+        collate_fn=collate,
     )

@@ -1,0 +1,219 @@
+"""The torch loader's augmentation in two halves: a cheap part per image, the rest per batch.
+
+Per image (:func:`crop_views`): each view's random-resized crop goes straight from the decoded image to
+``size`` x ``size`` uint8 pixels (PIL's resize of a box: one pass, antialiased), flipped there when its draw
+says so, and its random parameters are drawn (:func:`draw_params`) from torch's generator, which the stream
+seeds per sample.
+
+Per batch (:class:`BatchAugment`): colour jitter, grayscale, blur, solarize, flip and normalisation as batched
+tensor ops with those per-sample parameters. The colour jitter keeps torchvision's ``ColorJitter`` semantics,
+each sample's steps in its own random order: brightness, contrast and saturation are affine maps of the colour
+(contrast blends with the mean gray level, an affine function of the image's mean colour), so the steps before
+the hue fold into one map ``A x + t`` per image, and those after it, with the grayscale, into another; the hue
+is turned in HSV between them. One difference from torchvision's per-image ops: values are clamped to [0, 1]
+after each folded map, not after each step. ``tests/test_view_statistics.py`` checks that the views are the
+distribution DALI's and fb/moco's PIL transforms give. The blur is a separable per-sample Gaussian.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import get_worker_info
+
+from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, ViewSpec, blur_window
+
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
+FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "order", "gray", "blur", "sigma", "solarize", "flip")
+PARAMS = len(FIELDS)  # per view and sample: a float vector indexed by FIELDS
+PERMUTATIONS = list(itertools.permutations(range(4)))  # the jitter's orders; "order" indexes them
+
+
+def draw_crop(width: int, height: int, aug: Augmentation) -> tuple[int, int, int, int]:
+    """A random-resized crop box ``(left, top, right, bottom)``: area a uniform fraction of ``aug.crop_scale``,
+    aspect ratio log-uniform in ``aug.crop_ratio``, 10 tries, then the whole image clipped to the ratio range
+    (torchvision's ``RandomResizedCrop`` rule)."""
+    area = width * height
+    log_ratio = torch.log(torch.tensor(aug.crop_ratio)).tolist()  # in float32, as torchvision draws them
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(*aug.crop_scale).item()
+        ratio = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < min(aug.crop_ratio):
+        w, h = width, round(width / min(aug.crop_ratio))
+    elif in_ratio > max(aug.crop_ratio):
+        w, h = round(height * max(aug.crop_ratio)), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _factor(strength: float) -> float:
+    return torch.empty(1).uniform_(max(0.0, 1 - strength), 1 + strength).item()
+
+
+def draw_params(aug: Augmentation) -> torch.Tensor:
+    """One view's random parameters (see ``FIELDS``), drawn from torch's generator."""
+    p = torch.zeros(PARAMS)
+    brightness, contrast, saturation, hue = aug.jitter
+    if torch.rand(1).item() < aug.jitter_p:
+        order = PERMUTATIONS.index(tuple(torch.randperm(4).tolist()))
+        hue_shift = torch.empty(1).uniform_(-hue, hue).item()
+        p[:6] = torch.tensor([1.0, _factor(brightness), _factor(contrast), _factor(saturation), hue_shift, order])
+    else:
+        p[1:4] = 1.0
+    p[6] = float(torch.rand(1).item() < aug.grayscale_p)
+    if torch.rand(1).item() < aug.blur_p:
+        p[7], p[8] = 1.0, torch.empty(1).uniform_(*aug.blur_sigma).item()
+    p[9] = float(torch.rand(1).item() < aug.solarize_p)
+    p[10] = float(torch.rand(1).item() < aug.flip_p)
+    return p
+
+
+def crop_views(image: Image.Image, views: tuple[ViewSpec, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each view's ``(uint8 crop (3, size, size), parameters)`` of a decoded RGB image. The horizontal flip is
+    done here, on the crop (it commutes with every later step: they act per pixel or, the blur, symmetrically)."""
+    out = []
+    for spec in views:
+        box = draw_crop(*image.size, spec.aug)
+        params = draw_params(spec.aug)
+        crop = image.resize((spec.size, spec.size), Image.BILINEAR, box=box)
+        if params[FIELDS.index("flip")]:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append((torch.from_numpy(np.array(crop)).permute(2, 0, 1), params))
+    return out
+
+
+def jitter_orders(params: torch.Tensor) -> torch.Tensor:
+    """(B, 4): each sample's order of the jitter's steps, 0 brightness, 1 contrast, 2 saturation, 3 hue."""
+    return torch.tensor([PERMUTATIONS[int(k)] for k in params[:, 5].tolist()], dtype=torch.long).view(-1, 4)
+
+
+def hue_rotation(turns: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) maps of RGB that turn the chroma plane of YIQ by ``turns`` and keep the luma (DALI's ``hsv``)."""
+    angle = 2 * math.pi * turns
+    rotation = torch.zeros(len(turns), 3, 3)
+    rotation[:, 0, 0] = 1.0
+    rotation[:, 1, 1], rotation[:, 1, 2] = torch.cos(angle), -torch.sin(angle)
+    rotation[:, 2, 1], rotation[:, 2, 2] = torch.sin(angle), torch.cos(angle)
+    return YIQ_TO_RGB @ rotation @ RGB_TO_YIQ
+
+
+def linear_steps(
+    params: torch.Tensor, mean_rgb: torch.Tensor, stage: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The brightness, contrast and saturation steps that each sample's ``stage`` mask (B, 4) selects among its
+    order's four places, composed as ``(A (B, 3, 3), t (B, 3))``, ``y = A x + t``. ``mean_rgb``: each image's mean
+    colour before them, which the contrast step's mean gray level follows."""
+    batch = len(params)
+    eye = torch.eye(3).expand(batch, 3, 3)
+    gray = torch.tensor(GRAY)
+    gray_rows = gray.expand(3, 3)  # every channel <- the gray level
+    brightness, contrast, saturation = params[:, 1], params[:, 2], params[:, 3]
+    orders = jitter_orders(params)
+    a, t = eye.clone(), torch.zeros(batch, 3)
+    for place in range(4):
+        for step in range(4):
+            chosen = stage[:, place] & (orders[:, place] == step)
+            if not chosen.any():
+                continue
+            if step == 0:
+                a_new, t_new = brightness[:, None, None] * a, brightness[:, None] * t
+            elif step == 1:  # blend with the mean gray level of the image as it is here: g . (A m + t)
+                level = ((a @ mean_rgb[:, :, None])[:, :, 0] + t) @ gray
+                a_new, t_new = contrast[:, None, None] * a, contrast[:, None] * t + ((1 - contrast) * level)[:, None]
+            elif step == 2:
+                blend = saturation[:, None, None] * eye + (1 - saturation)[:, None, None] * gray_rows
+                a_new, t_new = _linear(blend, a, t)
+            else:
+                a_new, t_new = _linear(hue_rotation(params[:, 4]), a, t)
+            a, t = torch.where(chosen[:, None, None], a_new, a), torch.where(chosen[:, None], t_new, t)
+    return a, t
+
+
+def _linear(m: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return m @ a, (m @ t[:, :, None])[:, :, 0]
+
+
+def _affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``A x + t`` per image of (B, 3, H, W), clamped to [0, 1]."""
+    flat = torch.baddbmm(t[:, :, None], a, x.reshape(len(x), 3, -1))
+    return flat.clamp_(0, 1).reshape(x.shape)
+
+
+def jitter_and_gray(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Colour jitter in each sample's own order, then grayscale, on (B, 3, H, W) in [0, 1]: one affine map per
+    image, clamped."""
+    jittered = params[:, 0] > 0
+    a, t = linear_steps(params, x.mean(dim=(2, 3)), jittered[:, None].expand(len(x), 4))
+    grayed = params[:, 6] > 0
+    a_gray, t_gray = _linear(torch.tensor(GRAY).expand(len(x), 3, 3), a, t)
+    a, t = torch.where(grayed[:, None, None], a_gray, a), torch.where(grayed[:, None], t_gray, t)
+    return _affine(x, a, t)
+
+
+def gaussian_kernels(sigmas: torch.Tensor) -> torch.Tensor:
+    """(B, 2R + 1) normalised 1-D Gaussians, each over its own ``blur_window(sigma)`` taps and zero beyond,
+    R the largest radius."""
+    radii = [blur_window(s) // 2 for s in sigmas.tolist()]
+    radius = max(radii)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = torch.exp(-(x[None] ** 2) / (2 * sigmas[:, None] ** 2))
+    kernels = kernels * (x[None].abs() <= torch.tensor(radii)[:, None])
+    return kernels / kernels.sum(1, keepdim=True)
+
+
+def blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of each (3, H, W) image by its own sigma, reflect padding (torchvision's)."""
+    batch, channels, height, width = images.shape
+    kernels = gaussian_kernels(sigmas).repeat_interleave(channels, 0)  # (B * 3, 2R + 1)
+    radius = kernels.shape[1] // 2
+    x = images.reshape(1, batch * channels, height, width)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernels[:, None, None, :], groups=batch * channels)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernels[:, None, :, None], groups=batch * channels)
+    return x.reshape(batch, channels, height, width)
+
+
+def batch_output(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a batch, in shared memory when made in a DataLoader worker: the batch then reaches the
+    main process without the copy into shared memory that the queue would make (as torch's default collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+class BatchAugment:
+    """One view's per-batch half: ``(uint8 crops (B, 3, S, S), parameters (B, PARAMS))`` -> normalised views (the
+    crops come flipped already, see :func:`crop_views`)."""
+
+    def __init__(self, spec: ViewSpec, dtype: torch.dtype = torch.float32):
+        self.aug, self.dtype = spec.aug, dtype
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        x = crops.float().div_(255)
+        if ((params[:, 0] > 0) | (params[:, 6] > 0)).any():
+            x = jitter_and_gray(x, params)  # the whole batch: an identity map costs less than gathering the rest
+        windows = torch.tensor([blur_window(sigma) for sigma in params[:, 8].tolist()])
+        for window in windows[params[:, 7] > 0].unique().tolist():  # taps cost time: each window on its own
+            chosen = (params[:, 7] > 0) & (windows == window)
+            x[chosen] = blur(x[chosen], params[chosen, 8])
+        solarized = (params[:, 9] > 0).view(len(x), 1, 1, 1)
+        if solarized.any():
+            x = torch.where(solarized & (x >= self.aug.solarize_threshold / 255), 1 - x, x)
+        return torch.div(x.sub_(self.mean), self.std, out=batch_output(x.shape, self.dtype))
