@@ -158,8 +158,8 @@ def test_our_initial_module_maps_onto_the_reference(monkeypatch: pytest.MonkeyPa
     """``ref-our-init`` (issue 13's A/B of the initialisation): the reference loads our launcher's initial module
     and its query encoder then computes what ours computes."""
     from moco_scale.config import load_config
-    from moco_scale.models import build_backbone
     from moco_scale.moco import MoCo
+    from moco_scale.models import build_backbone
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from quality import our_initial_state, protocol_flags
