@@ -7,7 +7,7 @@ All three loaders read the same JPEGs and produce both views of MoCo v2's augmen
 
 - ``dali``: ``DaliTwoViewLoader(..., device_id=None, num_threads=workers)`` over WebDataset shards
   (decode and augmentation on the CPU in DALI's thread pool);
-- ``torch``: ``two_view_loader(..., workers=workers)``, the webdataset + torchvision fallback, over the
+- ``torch``: ``two_view_loader(..., workers=workers)``, the webdataset fallback (``batch_augment``), over the
   same shards;
 - ``reference``, written here the way fb/moco's ``main_moco.py`` loads data: ``ImageFolder`` over the
   same JPEGs as a class-folder tree, a two-crops transform around the PIL v2 augmentation (PIL
@@ -63,7 +63,7 @@ JPEG_QUALITY = 90
 LOADERS = ("dali", "torch", "reference")
 DESCRIPTIONS = {
     "dali": "DaliTwoViewLoader(device_id=None, num_threads=workers), WebDataset shards",
-    "torch": "two_view_loader(workers=workers), webdataset + torchvision v2, same shards",
+    "torch": "two_view_loader(workers=workers), webdataset, crops per image and augmentation per batch, same shards",
     "reference": "fb/moco: ImageFolder + TwoCropsTransform(PIL v2 aug), DataLoader(shuffle=True)",
 }
 
