@@ -148,8 +148,9 @@ def split_epoch(sizes: dict[str, int], seed: int, epoch: int, part: int, parts: 
 
 
 class TwoViewStream(IterableDataset):
-    """An endless stream of ``(view1, view2, label, position)`` for one rank, over epochs of WebDataset shards;
-    ``position`` is ``(reader, epoch, served, bad)`` of the reader that made it, after it.
+    """An endless stream of ``(crop1, params1, crop2, params2, label, position)`` for one rank, over epochs of
+    WebDataset shards (see :meth:`__iter__`); ``position`` is ``(reader, epoch, served, bad)`` of the reader that
+    made it, after it.
 
     ``start`` (by reader; empty: every reader from the beginning) and ``worker_offset`` place a resumed stream
     (see :func:`resume_positions`).
@@ -163,7 +164,6 @@ class TwoViewStream(IterableDataset):
         world_size: int,
         seed: int = 0,
         shuffle_buffer: int = 1000,
-        dtype: torch.dtype = torch.float32,
     ):
         self.sizes = shard_sizes(shards)
         self.total = sum(self.sizes.values())
@@ -171,7 +171,6 @@ class TwoViewStream(IterableDataset):
         self.views = views
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.dtype = dtype
         self.start: Sequence[Position] = ()
         self.worker_offset = 0
 
@@ -385,9 +384,7 @@ def two_view_loader(
     """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``, made by ``workers``
     DataLoader processes (0: in this one); ``state`` (a ``state_dict()``) resumes (see :func:`resume_positions`)."""
     readers, batch_size, world_size = max(1, workers), stream.batch_size, stream.world_size
-    dataset = TwoViewStream(
-        stream.shards, stream.views, stream.rank, world_size, stream.seed, stream.shuffle_buffer, dtype
-    )
+    dataset = TwoViewStream(stream.shards, stream.views, stream.rank, world_size, stream.seed, stream.shuffle_buffer)
     per_reader = dataset.places_per_reader(readers)
     positions, batches, bad_before = resume_positions(state, readers, per_reader, batch_size, world_size)
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
