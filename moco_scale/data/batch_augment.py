@@ -5,14 +5,15 @@ Per image (:func:`crop_views`): each view's random-resized crop goes straight fr
 says so, and its random parameters are drawn (:func:`draw_params`) from torch's generator, which the stream
 seeds per sample.
 
-Per batch (:class:`BatchAugment`): colour jitter, grayscale, blur, solarize, flip and normalisation as batched
-tensor ops with those per-sample parameters. The colour jitter keeps torchvision's ``ColorJitter`` semantics,
-each sample's steps in its own random order: brightness, contrast and saturation are affine maps of the colour
-(contrast blends with the mean gray level, an affine function of the image's mean colour), so the steps before
-the hue fold into one map ``A x + t`` per image, and those after it, with the grayscale, into another; the hue
-is turned in HSV between them. One difference from torchvision's per-image ops: values are clamped to [0, 1]
-after each folded map, not after each step. ``tests/test_view_statistics.py`` checks that the views are the
-distribution DALI's and fb/moco's PIL transforms give. The blur is a separable per-sample Gaussian.
+Per batch (:class:`BatchAugment`): colour jitter, grayscale, blur, solarize and normalisation as batched tensor
+ops with those per-sample parameters. The jitter's four steps run in each sample's own random order, as in
+torchvision's ``ColorJitter``, and all of them are affine maps of the colour: brightness and saturation
+scale; contrast blends with the mean gray level, an affine function of the image's mean colour; the hue turns
+the chroma plane of YIQ, as DALI's ``hsv`` does (torchvision turns it in HSV, which no matrix can: measured,
+that alone cost more than the rest of the batch). So the jitter and the grayscale fold into one map ``A x + t``
+per image, clamped to [0, 1] once, where torchvision clamps after each step. ``tests/test_view_statistics.py``
+checks that the views are the distribution DALI's and fb/moco's PIL transforms give. The blur is a separable
+Gaussian per sample, the samples grouped by window size.
 """
 
 from __future__ import annotations
@@ -112,22 +113,20 @@ def hue_rotation(turns: torch.Tensor) -> torch.Tensor:
     return YIQ_TO_RGB @ rotation @ RGB_TO_YIQ
 
 
-def linear_steps(
-    params: torch.Tensor, mean_rgb: torch.Tensor, stage: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The brightness, contrast and saturation steps that each sample's ``stage`` mask (B, 4) selects among its
-    order's four places, composed as ``(A (B, 3, 3), t (B, 3))``, ``y = A x + t``. ``mean_rgb``: each image's mean
-    colour before them, which the contrast step's mean gray level follows."""
+def jitter_map(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each jittered sample's four steps in its order, composed as ``(A (B, 3, 3), t (B, 3))``, ``y = A x + t``
+    (the identity for the others). ``mean_rgb``: each image's mean colour, which the contrast step's mean gray
+    level follows."""
     batch = len(params)
     eye = torch.eye(3).expand(batch, 3, 3)
     gray = torch.tensor(GRAY)
     gray_rows = gray.expand(3, 3)  # every channel <- the gray level
     brightness, contrast, saturation = params[:, 1], params[:, 2], params[:, 3]
-    orders = jitter_orders(params)
+    orders, jittered = jitter_orders(params), params[:, 0] > 0
     a, t = eye.clone(), torch.zeros(batch, 3)
     for place in range(4):
         for step in range(4):
-            chosen = stage[:, place] & (orders[:, place] == step)
+            chosen = jittered & (orders[:, place] == step)
             if not chosen.any():
                 continue
             if step == 0:
@@ -157,8 +156,7 @@ def _affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def jitter_and_gray(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Colour jitter in each sample's own order, then grayscale, on (B, 3, H, W) in [0, 1]: one affine map per
     image, clamped."""
-    jittered = params[:, 0] > 0
-    a, t = linear_steps(params, x.mean(dim=(2, 3)), jittered[:, None].expand(len(x), 4))
+    a, t = jitter_map(params, x.mean(dim=(2, 3)))
     grayed = params[:, 6] > 0
     a_gray, t_gray = _linear(torch.tensor(GRAY).expand(len(x), 3, 3), a, t)
     a, t = torch.where(grayed[:, None, None], a_gray, a), torch.where(grayed[:, None], t_gray, t)
