@@ -34,6 +34,7 @@ RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.21
 YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
 FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "order", "gray", "blur", "sigma", "solarize", "flip")
 PARAMS = len(FIELDS)  # per view and sample: a float vector indexed by FIELDS
+COLUMN = {name: i for i, name in enumerate(FIELDS)}
 PERMUTATIONS = list(itertools.permutations(range(4)))  # the jitter's orders; "order" indexes them
 
 
@@ -73,14 +74,16 @@ def draw_params(aug: Augmentation) -> torch.Tensor:
     if torch.rand(1).item() < aug.jitter_p:
         order = PERMUTATIONS.index(tuple(torch.randperm(4).tolist()))
         hue_shift = torch.empty(1).uniform_(-hue, hue).item()
-        p[:6] = torch.tensor([1.0, _factor(brightness), _factor(contrast), _factor(saturation), hue_shift, order])
+        p[: COLUMN["order"] + 1] = torch.tensor(
+            [1.0, _factor(brightness), _factor(contrast), _factor(saturation), hue_shift, order]
+        )
     else:
-        p[1:4] = 1.0
-    p[6] = float(torch.rand(1).item() < aug.grayscale_p)
+        p[COLUMN["brightness"] : COLUMN["saturation"] + 1] = 1.0
+    p[COLUMN["gray"]] = float(torch.rand(1).item() < aug.grayscale_p)
     if torch.rand(1).item() < aug.blur_p:
-        p[7], p[8] = 1.0, torch.empty(1).uniform_(*aug.blur_sigma).item()
-    p[9] = float(torch.rand(1).item() < aug.solarize_p)
-    p[10] = float(torch.rand(1).item() < aug.flip_p)
+        p[COLUMN["blur"]], p[COLUMN["sigma"]] = 1.0, torch.empty(1).uniform_(*aug.blur_sigma).item()
+    p[COLUMN["solarize"]] = float(torch.rand(1).item() < aug.solarize_p)
+    p[COLUMN["flip"]] = float(torch.rand(1).item() < aug.flip_p)
     return p
 
 
@@ -92,7 +95,7 @@ def crop_views(image: Image.Image, views: tuple[ViewSpec, ...]) -> list[tuple[to
         box = draw_crop(*image.size, spec.aug)
         params = draw_params(spec.aug)
         crop = image.resize((spec.size, spec.size), Image.BILINEAR, box=box)
-        if params[FIELDS.index("flip")]:
+        if params[COLUMN["flip"]]:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out.append((torch.from_numpy(np.array(crop)).permute(2, 0, 1), params))
     return out
@@ -100,7 +103,8 @@ def crop_views(image: Image.Image, views: tuple[ViewSpec, ...]) -> list[tuple[to
 
 def jitter_orders(params: torch.Tensor) -> torch.Tensor:
     """(B, 4): each sample's order of the jitter's steps, 0 brightness, 1 contrast, 2 saturation, 3 hue."""
-    return torch.tensor([PERMUTATIONS[int(k)] for k in params[:, 5].tolist()], dtype=torch.long).view(-1, 4)
+    orders = [PERMUTATIONS[int(k)] for k in params[:, COLUMN["order"]].tolist()]
+    return torch.tensor(orders, dtype=torch.long).view(-1, 4)
 
 
 def hue_rotation(turns: torch.Tensor) -> torch.Tensor:
@@ -121,8 +125,8 @@ def jitter_map(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch.Tens
     eye = torch.eye(3).expand(batch, 3, 3)
     gray = torch.tensor(GRAY)
     gray_rows = gray.expand(3, 3)  # every channel <- the gray level
-    brightness, contrast, saturation = params[:, 1], params[:, 2], params[:, 3]
-    orders, jittered = jitter_orders(params), params[:, 0] > 0
+    brightness, contrast, saturation, hue = (params[:, COLUMN[name]] for name in FIELDS[1:5])
+    orders, jittered = jitter_orders(params), params[:, COLUMN["jitter"]] > 0
     a, t = eye.clone(), torch.zeros(batch, 3)
     for place in range(4):
         for step in range(4):
@@ -138,7 +142,7 @@ def jitter_map(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch.Tens
                 blend = saturation[:, None, None] * eye + (1 - saturation)[:, None, None] * gray_rows
                 a_new, t_new = _linear(blend, a, t)
             else:
-                a_new, t_new = _linear(hue_rotation(params[:, 4]), a, t)
+                a_new, t_new = _linear(hue_rotation(hue), a, t)
             a, t = torch.where(chosen[:, None, None], a_new, a), torch.where(chosen[:, None], t_new, t)
     return a, t
 
@@ -157,7 +161,7 @@ def jitter_and_gray(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Colour jitter in each sample's own order, then grayscale, on (B, 3, H, W) in [0, 1]: one affine map per
     image, clamped."""
     a, t = jitter_map(params, x.mean(dim=(2, 3)))
-    grayed = params[:, 6] > 0
+    grayed = params[:, COLUMN["gray"]] > 0
     a_gray, t_gray = _linear(torch.tensor(GRAY).expand(len(x), 3, 3), a, t)
     a, t = torch.where(grayed[:, None, None], a_gray, a), torch.where(grayed[:, None], t_gray, t)
     return _affine(x, a, t)
@@ -205,13 +209,14 @@ class BatchAugment:
 
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         x = crops.float().div_(255)
-        if ((params[:, 0] > 0) | (params[:, 6] > 0)).any():
+        if ((params[:, COLUMN["jitter"]] > 0) | (params[:, COLUMN["gray"]] > 0)).any():
             x = jitter_and_gray(x, params)  # the whole batch: an identity map costs less than gathering the rest
-        windows = torch.tensor([blur_window(sigma) for sigma in params[:, 8].tolist()])
-        for window in windows[params[:, 7] > 0].unique().tolist():  # taps cost time: each window on its own
-            chosen = (params[:, 7] > 0) & (windows == window)
-            x[chosen] = blur(x[chosen], params[chosen, 8])
-        solarized = (params[:, 9] > 0).view(len(x), 1, 1, 1)
+        sigmas, blurred = params[:, COLUMN["sigma"]], params[:, COLUMN["blur"]] > 0
+        windows = torch.tensor([blur_window(sigma) for sigma in sigmas.tolist()])
+        for window in windows[blurred].unique().tolist():  # taps cost time: each window on its own
+            chosen = blurred & (windows == window)
+            x[chosen] = blur(x[chosen], sigmas[chosen])
+        solarized = (params[:, COLUMN["solarize"]] > 0).view(len(x), 1, 1, 1)
         if solarized.any():
             x = torch.where(solarized & (x >= self.aug.solarize_threshold / 255), 1 - x, x)
         return torch.div(x.sub_(self.mean), self.std, out=batch_output(x.shape, self.dtype))

@@ -42,25 +42,23 @@ class MomentumUpdater:
     ):
         if buffer_policy not in BUFFER_POLICIES:
             raise ValueError(f"buffer_policy must be one of {BUFFER_POLICIES}, got {buffer_policy!r}")
-        if dict(online.named_parameters()).keys() != dict(target.named_parameters()).keys():
-            raise ValueError("online and target modules must have the same parameter names")
         self.online_module, self.target_module = online, target
         self.buffer_policy, self.cuda_graph, self.local_shard = buffer_policy, cuda_graph, local_shard
         self._bind()
 
     def _bind(self) -> None:
         """Resolve the tensors to move as the modules hold them now, and drop any captured graph."""
-        online_params, target_params = self.online_module.named_parameters(), self.target_module.named_parameters()
-        online_params, target_params = dict(online_params), dict(target_params)
+        online_params = dict(self.online_module.named_parameters())
+        target_params = dict(self.target_module.named_parameters())
+        if online_params.keys() != target_params.keys():
+            raise ValueError("online and target modules must have the same parameter names")
         shard = self.local_shard or (lambda param: param)
         self.online = [shard(online_params[n]) for n in online_params]
         self.target = [shard(target_params[n]) for n in online_params]
         if any(o.shape != t.shape for o, t in zip(self.online, self.target, strict=True)):
             raise ValueError("online and target parameters must be sharded alike")
-        online_buffers, target_buffers = (
-            dict(self.online_module.named_buffers()),
-            dict(self.target_module.named_buffers()),
-        )
+        online_buffers = dict(self.online_module.named_buffers())
+        target_buffers = dict(self.target_module.named_buffers())
         names = list(online_buffers) if self.buffer_policy != "own" else []
         averaged = [n for n in names if self.buffer_policy == "ema" and online_buffers[n].is_floating_point()]
         copied = [n for n in names if n not in averaged]
