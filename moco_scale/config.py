@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str = "demo"  # "demo" (built-in shards), a folder of .tar shards, or a glob
+    path: str = "demo"  # "demo" (built-in shards), a folder of .tar shards, a glob, an ImageFolder root, a list file
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed
     image_size: int = 224
     augmentation: Literal["v1", "v2", "v3"] = "v2"  # the preset that aug.* starts from
@@ -136,8 +136,8 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # kNN monitor: 0 off; N > 0 at step 0, every N steps and at the end
-    bank_path: str = ""  # labelled shards whose features form the kNN bank ("": data.path)
-    val_path: str = ""  # labelled held-out shards to classify ("": the demo's held-out split, for data.path=demo)
+    bank_path: str = ""  # labelled input (as data.path) whose features form the kNN bank ("": data.path)
+    val_path: str = ""  # labelled held-out input to classify ("": the demo's held-out split, for data.path=demo)
     batch_size: int = 256
     knn_k: int = 200  # fb/moco's kNN monitor: k=200, T=0.1
     knn_temperature: float = 0.1
@@ -150,9 +150,9 @@ class ProbeConfig:
     the loader from ``data.workers``, the seed from ``train.seed`` and the device from ``engine.device``."""
 
     init: str = "random"  # a checkpoint, a run directory, an exported file (either layout), or random
-    train_path: str = ""  # labelled training shards ("": data.path)
-    val_path: str = ""  # labelled held-out shards ("": eval.val_path; for the demo, its held-out split)
-    num_classes: int = 0  # 0: from the shards' manifest
+    train_path: str = ""  # labelled training input, as data.path ("": data.path)
+    val_path: str = ""  # labelled held-out input ("": eval.val_path; for the demo, its held-out split)
+    num_classes: int = 0  # 0: from the shards' manifest, the class folders or the list's labels
     epochs: int = 100
     max_steps: int = 0  # > 0 wins over epochs
     batch_size: int = 32  # per rank
@@ -435,7 +435,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if m.version == "v3" and m.shuffle_bn == "shuffle":
         raise ConfigError("moco.shuffle_bn=shuffle is for v1/v2; MoCo v3 uses sync or none")
     if cfg.eval.every_steps and not cfg.eval.val_path and cfg.data.path != "demo":
-        raise ConfigError("eval.every_steps is set but eval.val_path is empty: name the labelled held-out shards")
+        raise ConfigError("eval.every_steps is set but eval.val_path is empty: name the labelled held-out input")
     if cfg.probe.max_steps == 0 and cfg.probe.epochs < 1:
         raise ConfigError(f"probe.epochs must be >= 1 (or set probe.max_steps), got {cfg.probe.epochs}")
     if cfg.probe.num_classes == 1 or cfg.probe.num_classes < 0:

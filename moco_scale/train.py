@@ -32,7 +32,8 @@ from moco_scale.config import (
 )
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import Batch, LoaderLayout, backend_of, remap_state, resolve_backend, two_view_batches
-from moco_scale.data.shards import DataError, StreamSpec, count_samples, list_shards
+from moco_scale.data.shards import DataError, StreamSpec
+from moco_scale.data.sources import list_inputs, open_source
 from moco_scale.distributed.comm import DistInfo, init_distributed, leave_if_groups_linger, shutdown_distributed
 from moco_scale.engine.base import COMPUTE_DTYPES, TrainEngine
 from moco_scale.engine.deepspeed import DeepSpeedEngine, build_partitioned, deepspeed_config
@@ -48,15 +49,16 @@ from moco_scale.optim import build_optimizer, key_momentum, learning_rate, linea
 from moco_scale.stop import STOP
 
 
-def resolve_shards(cfg: Config) -> tuple[list[str], list[str], list[str]]:
-    """The training shards, and the kNN monitor's bank and held-out shards (none while it is off).
+def resolve_inputs(cfg: Config) -> tuple[list[str], list[str], list[str]]:
+    """The training input (shards, or an ImageFolder root or list file: ``list_inputs``), and the kNN monitor's
+    bank and held-out inputs (none while it is off).
     ``demo`` means the built-in digits (written on first use): its training and held-out splits."""
     demo = {name: str(path) for name, path in ensure_demo_shards().items()} if cfg.data.path == "demo" else {}
-    train = list_shards(demo.get("train", cfg.data.path))
+    train = list_inputs(demo.get("train", cfg.data.path))
     if not cfg.eval.every_steps:
         return train, [], []
-    bank = list_shards(cfg.eval.bank_path, "eval.bank_path") if cfg.eval.bank_path else train
-    return train, bank, list_shards(cfg.eval.val_path or demo["val"], "eval.val_path")
+    bank = list_inputs(cfg.eval.bank_path, "eval.bank_path") if cfg.eval.bank_path else train
+    return train, bank, list_inputs(cfg.eval.val_path or demo["val"], "eval.val_path")
 
 
 def seed_everything(seed: int) -> None:
@@ -130,11 +132,11 @@ def build_engine(cfg: Config, ctx: DistInfo, peak_lr: float) -> tuple[MoCo, Trai
     return model, engine
 
 
-def build_batches(cfg: Config, ctx: DistInfo, shards: list[str], state: dict | None = None) -> Iterator[Batch]:
+def build_batches(cfg: Config, ctx: DistInfo, inputs: list[str], state: dict | None = None) -> Iterator[Batch]:
     """This rank's endless ``(view1, view2, labels)`` batches, from ``state`` when resuming."""
     d = cfg.data
     views = cfg.aug.views(d.image_size)
-    stream = StreamSpec(shards, views, cfg.train.batch_size, ctx.rank, ctx.world_size, d.seed, d.shuffle_buffer)
+    stream = StreamSpec(inputs, views, cfg.train.batch_size, ctx.rank, ctx.world_size, d.seed, d.shuffle_buffer)
     return two_view_batches(
         d.backend,
         stream,
@@ -150,11 +152,11 @@ class Diverged(RuntimeError):
     """``train.max_bad_steps`` non-finite steps in a row; the message is one line."""
 
 
-def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[str], resume_from: Path | None) -> None:
+def pretrain(cfg: Config, inputs: list[str], knn_bank: list[str], knn_val: list[str], resume_from: Path | None) -> None:
     stop = STOP.install()  # installed already when run as a script; from here on a signal ends in a checkpoint
     ctx = init_distributed(cfg.engine.device, cfg.engine.timeout_s)
     global_batch = cfg.train.batch_size * ctx.world_size
-    num_samples = count_samples(shards)
+    num_samples = sum(open_source(inputs).sizes.values())
     steps_per_epoch = math.ceil(num_samples / global_batch)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup_steps = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -178,7 +180,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         start_step, loader_state, saved_world_size = checkpoint.load(engine, resume_from)
         saved = checkpoint.read_meta(resume_from)
         saved_config = saved.get("config", cfg.to_dict())
-        backend = resolve_backend(cfg.data.backend, shards)
+        backend = resolve_backend(cfg.data.backend, inputs)
         loader_state = remap_state(  # the same layout continues exactly; another restarts at the global count
             loader_state,
             LoaderLayout.of_run(saved_config, saved_world_size, backend_of(loader_state) or backend),
@@ -186,7 +188,7 @@ def pretrain(cfg: Config, shards: list[str], knn_bank: list[str], knn_val: list[
         )
     else:
         seed_everything(cfg.train.seed * 1000 + ctx.rank + 1)  # from here on each rank draws its own randomness
-    batches = build_batches(cfg, ctx, shards, loader_state)
+    batches = build_batches(cfg, ctx, inputs, loader_state)
     knn = None
     if cfg.eval.every_steps:
         knn = KnnMonitor(
@@ -322,8 +324,8 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         cfg = load_config(config, parse_cli_overrides(overrides))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size=world_size)
-        shards, knn_bank, knn_val = resolve_shards(cfg)
-        backend = resolve_backend(cfg.data.backend, shards)
+        inputs, knn_bank, knn_val = resolve_inputs(cfg)
+        backend = resolve_backend(cfg.data.backend, inputs)
         resume_from = checkpoint.find_resume(cfg.checkpoint.resume, cfg.train.run_dir, world_size)
         if resume_from is not None:
             meta = checkpoint.read_meta(resume_from)
@@ -336,7 +338,7 @@ def main(config: str | None = None, local_rank: int | None = None, **overrides) 
         sys.exit(2)
     exit_code = 0
     try:
-        pretrain(cfg, shards, knn_bank, knn_val, resume_from)
+        pretrain(cfg, inputs, knn_bank, knn_val, resume_from)
     except Diverged as err:  # every rank agreed on it
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -95,14 +95,14 @@ def test_every_sample_once_per_epoch_across_ranks(demo_shards: dict[str, Path], 
 
 def test_split_epoch_covers_each_sample_once() -> None:
     sizes = {"a": 5, "b": 3, "c": 4}
-    for parts in (1, 2, 3, 5, 12):
+    for blocks in (1, 2, 3, 5, 12):
         taken = [
-            (s.shard, i)
-            for p in range(parts)
-            for s in split_epoch(sizes, 0, 1, p, parts)
+            (s.part, i)
+            for b in range(blocks)
+            for s in split_epoch(sizes, 0, 1, b, blocks)
             for i in range(s.first, s.end)
         ]
-        assert len(taken) == len(set(taken)) == 12 - 12 % parts
+        assert len(taken) == len(set(taken)) == 12 - 12 % blocks
 
 
 def _batches(loader, n: int) -> list[torch.Tensor]:

@@ -44,7 +44,7 @@ def test_both_backends_yield_two_view_batches(demo_shards: dict[str, Path], back
         pytest.importorskip("nvidia.dali")
     batches = _two_view_batches(
         backend,
-        shards=list_shards(str(demo_shards["val"])),
+        inputs=list_shards(str(demo_shards["val"])),
         views=moco_views("v2", 24),
         batch_size=8,
         workers=1,
@@ -80,7 +80,7 @@ def _two_view_loader(**kwargs: object) -> torch_loader.StreamBatches:
 def _demo_stream(demo_shards: dict[str, Path], rank: int, world_size: int, seed: int) -> dict:
     """``two_view_batches`` arguments for 8 v2 pairs of 16 px from the held-out demo digits, on the CPU."""
     return dict(
-        shards=list_shards(str(demo_shards["val"])),
+        inputs=list_shards(str(demo_shards["val"])),
         views=moco_views("v2", 16),
         batch_size=8,
         rank=rank,
@@ -144,7 +144,7 @@ def test_resume_decodes_the_same_few_images_after_1_and_10_epochs(
     batch (replaying from step 0 decoded 24 and 168 images), and that batch is the one the run went on with."""
     shards = _digit_shards(demo_shards, tmp_path, 16)
     kwargs = dict(views=moco_views("v2", 16), batch_size=4, rank=0, world_size=1, workers=0, shuffle_buffer=8)
-    run = _two_view_loader(shards=shards, **kwargs)
+    run = _two_view_loader(inputs=shards, **kwargs)
     saved = {}
     for step in range(43):
         state = run.state_dict()
@@ -161,7 +161,7 @@ def test_resume_decodes_the_same_few_images_after_1_and_10_epochs(
     for step, (state, expected) in saved.items():
         decodes.clear()
         assert state["readers"][0][:2] == [step // 4, step % 4 * 4], state
-        assert _same(next(_two_view_loader(shards=shards, state=state, **kwargs)), expected)
+        assert _same(next(_two_view_loader(inputs=shards, state=state, **kwargs)), expected)
         assert len(decodes) == 4, (step, len(decodes))
 
 
@@ -169,7 +169,7 @@ def test_resume_mid_epoch_with_workers_continues_bitwise_and_keeps_counting_bad_
     demo_shards: dict[str, Path], tmp_path: Path
 ) -> None:
     shards = _digit_shards(demo_shards, tmp_path, 80, {3: b"junk", 21: b"", 40: b"\xff\xd8 cut", 77: b"junk"})
-    kwargs = {**_demo_stream(demo_shards, rank=1, world_size=2, seed=3), "shards": shards, "workers": 2}
+    kwargs = {**_demo_stream(demo_shards, rank=1, world_size=2, seed=3), "inputs": shards, "workers": 2}
     run = _two_view_batches("torch", **kwargs)
     for _ in range(3):  # mid-epoch: each of the rank's 2 readers serves 20 samples an epoch, 8 a batch
         next(run)

@@ -6,11 +6,13 @@ between steps. Where DALI differs from torchvision: colour jitter uses a fixed o
 contrast, saturation, hue) instead of a random one, and DALI's hue shift and saturation are a
 linear rotation and scaling of the chroma in YIQ space rather than exact HSV operations.
 
-Every rank reads a disjoint ``1 / world_size`` of the samples each epoch; the order of the tar
-shards is redrawn each epoch from ``seed`` (the same on all ranks) and samples are shuffled in a
-buffer. DALI stops the whole pipeline on an image it cannot decode, so it streams only shards whose
-images were checked with its decoder (see :mod:`moco_scale.data.decode_check`): their index files leave
-out the samples that failed, which ``bad_samples`` counts.
+Every rank reads a disjoint ``1 / world_size`` of the samples each epoch. From shards
+(``fn.readers.webdataset``), the order of the tars is redrawn each epoch from ``seed`` (the same on all
+ranks) and samples are shuffled in a buffer; from an ImageFolder list (``fn.readers.file``), the whole
+list is reshuffled each epoch from ``seed``. DALI stops the whole pipeline on an image it cannot decode,
+so it streams only inputs whose images were checked with its decoder (see
+:mod:`moco_scale.data.decode_check`): the shards' index files, or the checked list
+(:mod:`moco_scale.data.image_folder`), leave out the samples that failed, which ``bad_samples`` counts.
 
 Resuming. ``state_dict()`` is DALI's own pipeline checkpoint (reader position and every random op's
 state), which continues exactly, plus the global sample count. DALI cannot be placed anywhere else, so
@@ -26,7 +28,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
-from moco_scale.data.shards import IMAGE_EXTENSIONS, StreamSpec, excluded_samples, usable_shards
+from moco_scale.data.image_folder import FolderSource
+from moco_scale.data.shards import IMAGE_EXTENSIONS, StreamSpec, usable_shards
+from moco_scale.data.sources import Source, open_source
 
 if TYPE_CHECKING:
     from nvidia.dali.data_node import DataNode
@@ -113,6 +117,30 @@ def _augment(image: DataNode, spec: ViewSpec, dtype: DALIDataType, layout: str) 
     )
 
 
+def _read(source: Source, stream: StreamSpec) -> tuple[DataNode, DataNode]:
+    """This rank's encoded images and labels: a folder's checked list through DALI's file reader, shards through
+    its webdataset reader (see the module docstring)."""
+    from nvidia.dali import fn
+
+    split = {"shard_id": stream.rank, "num_shards": stream.world_size, "name": READER}
+    if isinstance(source, FolderSource):
+        index = source.index
+        reshuffle = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": stream.seed}
+        return fn.readers.file(files=index.paths, labels=index.labels, **reshuffle, **split)
+    shards = usable_shards(stream.inputs)
+    return fn.readers.webdataset(
+        paths=shards,
+        index_paths=index_paths(shards),
+        ext=[";".join(IMAGE_EXTENSIONS), "cls"],
+        missing_component_behavior="empty",  # no cls: label -1
+        random_shuffle=True,
+        initial_fill=stream.shuffle_buffer,
+        shuffle_after_epoch=True,
+        shuffle_after_epoch_seed=stream.seed,
+        **split,
+    )
+
+
 def build_two_view_pipeline(
     stream: StreamSpec,
     *,
@@ -121,39 +149,25 @@ def build_two_view_pipeline(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     checkpoint: str | None = None,
+    source: Source | None = None,
 ) -> Pipeline:
-    """A DALI pipeline of ``(view1, view2, cls)`` batches for this rank; ``cls`` holds the raw text bytes.
+    """A DALI pipeline of ``(view1, view2, cls)`` batches for this rank; ``cls`` holds the raw text bytes of the
+    shards' ``cls`` members, or a folder's int32 labels.
 
     Views come out in ``dtype`` when DALI has it (float32, float16; otherwise float32), CHW, or HWC
-    with ``channels_last``; on the GPU ``device_id`` when it is set, else on the CPU.
+    with ``channels_last``; on the GPU ``device_id`` when it is set, else on the CPU. ``source``: the stream's
+    input, opened already (default: opened here).
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    shards, views, rank, world_size, seed = (
-        usable_shards(stream.shards),
-        stream.views,
-        stream.rank,
-        stream.world_size,
-        stream.seed,
-    )
+    views, rank, world_size, seed = stream.views, stream.rank, stream.world_size, stream.seed
+    source = source or open_source(stream.inputs)
     out_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
     layout = "HWC" if channels_last else "CHW"
 
     @pipeline_def(enable_conditionals=True)
     def two_views() -> tuple[DataNode, DataNode, DataNode]:
-        jpeg, cls = fn.readers.webdataset(
-            paths=shards,
-            index_paths=index_paths(shards),
-            ext=[";".join(IMAGE_EXTENSIONS), "cls"],
-            missing_component_behavior="empty",  # no cls: label -1
-            shard_id=rank,
-            num_shards=world_size,
-            random_shuffle=True,
-            initial_fill=stream.shuffle_buffer,
-            shuffle_after_epoch=True,
-            shuffle_after_epoch_seed=seed,
-            name=READER,
-        )
+        jpeg, cls = _read(source, stream)
         image = fn.decoders.image(jpeg, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
         return _augment(image, views[0], out_dtype, layout), _augment(image, views[1], out_dtype, layout), cls
 
@@ -168,7 +182,11 @@ def build_two_view_pipeline(
 
 
 def cls_labels(cls: TensorListCPU) -> torch.Tensor:
-    """int64 labels from a batch of ``cls`` texts; -1 where a sample has none."""
+    """int64 labels from a batch of ``cls`` texts (-1 where a sample has none), or of a file reader's labels."""
+    from nvidia.dali import types
+
+    if cls.dtype != types.UINT8:
+        return torch.tensor([cls.at(i).item() for i in range(len(cls))], dtype=torch.int64)
     texts = [cls.at(i).tobytes() for i in range(len(cls))]
     return torch.tensor([int(t) if t.strip() else -1 for t in texts], dtype=torch.int64)
 
@@ -193,8 +211,10 @@ class DaliTwoViewLoader:
         state: dict | None = None,
     ):
         state = state or {}
+        source = open_source(stream.inputs)
         self.pipe = build_two_view_pipeline(
             stream,
+            source=source,
             device_id=device_id,
             num_threads=num_threads,
             dtype=dtype,
@@ -208,7 +228,7 @@ class DaliTwoViewLoader:
         self.samples = state.get("samples", 0)  # consumed by all ranks together
         self.global_batch = stream.batch_size * world_size
         self.decode_failures = state.get("bad_samples", 0)  # counted by the torch loader before a switch
-        self.bad_samples = sum(map(len, excluded_samples(stream.shards).values())) + self.decode_failures
+        self.bad_samples = source.left_out + self.decode_failures
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.dtype, self.channels_last = dtype, channels_last
 

@@ -1,12 +1,13 @@
 """One-view labelled loaders: the deterministic evaluation pass, and the linear probe's training stream.
 
-Evaluation (:func:`eval_loader`). The samples are put in one fixed order: shards sorted by path,
-then the order inside each tar. Rank r of W takes samples ``[r N // W, (r + 1) N // W)``, so over
+Evaluation (:func:`eval_loader`). The samples are put in one fixed order: the input's parts (shards, or runs
+of an ImageFolder's index: :mod:`moco_scale.data.sources`) sorted by name, then the order inside each part.
+Rank r of W takes samples ``[r N // W, (r + 1) N // W)``, so over
 all ranks every sample is evaluated exactly once and no remainder is dropped. A rank cuts its block
 into batches; worker w of R builds batches w, w + R, ..., which the DataLoader's round robin hands
-out in turn, so the batches of all ranks, concatenated in rank order, follow the shards' order for
+out in turn, so the batches of all ranks, concatenated in rank order, follow the parts' order for
 any world size and worker count. Each worker reads (without decoding) the samples before its last
-batch in every shard it needs. Samples that do not decode (and places that a tar cut short does not
+batch in every part it needs. Samples that do not decode (and places that a tar cut short does not
 hold) are skipped and counted in the loader's ``bad_samples``: the batch that held one is smaller.
 
 The evaluation view resizes the shorter side and takes the centre crop of ``image_size``: resized to
@@ -24,7 +25,6 @@ The workers of both ignore SIGUSR1, SIGTERM and SIGINT, which are the main proce
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import torch
@@ -32,13 +32,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, LINEAR_EVAL, ViewSpec
-from moco_scale.data.shards import DataError, StreamSpec, excluded_samples, manifests_of, shard_sizes
+from moco_scale.data.shards import StreamSpec
+from moco_scale.data.sources import open_source
 from moco_scale.data.torch_loader import (
     StreamBatches,
     TwoViewStream,
     decode_sample,
     ignore_stop_signals,
-    read_shard,
     stream_loader,
     view_transform,
 )
@@ -66,22 +66,19 @@ def eval_transform(size: int) -> T.Compose:
     )
 
 
-def num_classes_of(shards: list[str]) -> int | None:
-    """The number of class names that the shards' ``manifest.json`` files list; None when none lists any."""
-    counts = {len(names) for content in manifests_of(shards).values() if (names := content.get("class_names"))}
-    if len(counts) > 1:
-        raise DataError(f"the manifests of {shards[0]}... list different numbers of classes: {sorted(counts)}")
-    return counts.pop() if counts else None
+def num_classes_of(inputs: list[str]) -> int | None:
+    """The number of classes of an input: the class names that the shards' ``manifest.json`` files list, the class
+    folders of an ImageFolder tree, or one more than a list file's largest label; None when shards list none."""
+    return open_source(inputs).labels
 
 
 class EvalBatches(IterableDataset):
     """This rank's ``(images, labels)`` batches of one evaluation pass (see the module docstring)."""
 
-    def __init__(self, shards: list[str], image_size: int, batch_size: int, rank: int, world_size: int):
-        sizes = shard_sizes(shards)
-        self.excluded = excluded_samples(shards)
-        self.order = sorted(sizes)
-        self.sizes = [sizes[s] for s in self.order]
+    def __init__(self, inputs: list[str], image_size: int, batch_size: int, rank: int, world_size: int):
+        self.source = open_source(inputs)
+        self.order = sorted(self.source.sizes)
+        self.sizes = [self.source.sizes[part] for part in self.order]
         total = sum(self.sizes)
         self.start, self.stop = rank * total // world_size, (rank + 1) * total // world_size
         self.batch_size = batch_size
@@ -112,13 +109,14 @@ class EvalBatches(IterableDataset):
         bad = 0
         current: int | None = None
         offset = 0
-        for shard, size in zip(self.order, self.sizes, strict=True):
-            shard_offset, offset = offset, offset + size
-            if shard_offset >= end or offset <= self.start:
+        for part, size in zip(self.order, self.sizes, strict=True):
+            part_offset, offset = offset, offset + size
+            if part_offset >= end or offset <= self.start:
                 continue
-            samples = itertools.chain(read_shard(shard, self.excluded[shard]), itertools.repeat(None))
-            for index, sample in zip(range(size), samples, strict=False):  # None: a place the tar does not hold
-                position = shard_offset + index
+            first = max(0, self.start - part_offset)
+            samples = self.source.read(part, first)  # None: a place the part does not hold
+            for index, sample in zip(range(first, size), samples, strict=False):
+                position = part_offset + index
                 if position >= end:
                     break
                 batch = self._own_batch(position, worker, workers)
@@ -155,7 +153,7 @@ class EvalLoader:
 
 
 def eval_loader(
-    shards: list[str],
+    inputs: list[str],
     image_size: int,
     batch_size: int,
     rank: int,
@@ -163,10 +161,11 @@ def eval_loader(
     workers: int = 0,
     pin_memory: bool = False,
 ) -> EvalLoader:
-    """Re-iterable ``(images, labels)`` batches of this rank's share of one pass over ``shards``."""
+    """Re-iterable ``(images, labels)`` batches of this rank's share of one pass over ``inputs`` (shards, or a
+    folder or list)."""
     return EvalLoader(
         DataLoader(
-            EvalBatches(shards, image_size, batch_size, rank, world_size),
+            EvalBatches(inputs, image_size, batch_size, rank, world_size),
             batch_size=None,
             num_workers=workers,
             pin_memory=pin_memory,
@@ -181,7 +180,7 @@ class LabelledTrainStream(IterableDataset):
 
     def __init__(self, stream: StreamSpec):
         self.reader = TwoViewStream(
-            stream.shards, stream.views, stream.rank, stream.world_size, stream.seed, stream.shuffle_buffer
+            stream.inputs, stream.views, stream.rank, stream.world_size, stream.seed, stream.shuffle_buffer
         )
         self.transform = view_transform(stream.views[0])
 
@@ -192,7 +191,7 @@ class LabelledTrainStream(IterableDataset):
 
 
 def linear_eval_stream(
-    shards: list[str],
+    inputs: list[str],
     image_size: int,
     batch_size: int,
     rank: int = 0,
@@ -202,7 +201,7 @@ def linear_eval_stream(
 ) -> StreamSpec:
     """The linear probe's training stream: :func:`linear_eval_view` of each sample of this rank's share."""
     view = linear_eval_view(image_size)
-    return StreamSpec(shards, (view, view), batch_size, rank, world_size, seed, shuffle_buffer)
+    return StreamSpec(inputs, (view, view), batch_size, rank, world_size, seed, shuffle_buffer)
 
 
 def train_loader(stream: StreamSpec, *, workers: int = 0, pin_memory: bool = False) -> StreamBatches:
@@ -211,7 +210,7 @@ def train_loader(stream: StreamSpec, *, workers: int = 0, pin_memory: bool = Fal
     labelled = LabelledTrainStream(stream)
     readers, reader = max(1, workers), labelled.reader
     loader = stream_loader(labelled, reader.total, stream.batch_size, stream.world_size, workers, pin_memory)
-    left_out = sum(map(len, reader.excluded.values()))
+    left_out = reader.source.left_out
     return StreamBatches(
         loader, [(0, 0, 0)] * readers, 0, reader.places_per_reader(readers), stream.world_size, left_out
     )

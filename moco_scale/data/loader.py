@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from moco_scale.data.dali import DaliTwoViewLoader, dali_available
-from moco_scale.data.shards import DataError, StreamSpec, checked_with
+from moco_scale.data.shards import DataError, StreamSpec
+from moco_scale.data.sources import is_folder, open_source
 from moco_scale.data.torch_loader import two_view_loader
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -41,17 +42,23 @@ def backend_of(state: dict | None) -> str | None:
     return None if state is None else "dali" if "dali" in state else "torch"
 
 
-def resolve_backend(backend: str, shards: list[str]) -> str:
-    """``auto`` is DALI when it imports and every image of the shards was checked with DALI's decoder
+def resolve_backend(backend: str, inputs: list[str]) -> str:
+    """``auto`` is DALI when it imports and every image of the input was checked with DALI's decoder
     (DALI stops on an image it cannot decode; the torch loader skips it), else torch. Asking for DALI
-    without it, or over shards not checked with its decoder, is a one-line :class:`DataError`."""
-    checked = "dali" in checked_with(shards)
+    without it, or over an input not checked with its decoder, is a one-line :class:`DataError`."""
+    checked = "dali" in open_source(inputs).checked_with
     if backend == "auto":
         return "dali" if dali_available() and checked else "torch"
     if backend == "dali" and not dali_available():
         raise DataError("data.backend=dali but NVIDIA DALI is not installed (pip install -e '.[dali]')")
     if backend == "dali" and not checked:
-        folders = sorted({str(Path(s).parent) for s in shards})
+        if is_folder(inputs):
+            raise DataError(
+                f"data.backend=dali: {inputs[0]} is not a checked list, and DALI stops on a corrupt image; run "
+                f"python -m moco_scale.data.image_folder {inputs[0]} --out LIST and train on LIST, "
+                "or use data.backend=torch"
+            )
+        folders = sorted({str(Path(s).parent) for s in inputs})
         raise DataError(
             f"data.backend=dali: the shards in {', '.join(folders)} were not checked with DALI's decoder, which "
             "stops on a corrupt image; run python -m moco_scale.data.make_shards --index-only FOLDER --check, "
@@ -78,7 +85,7 @@ def two_view_batches(
     ``state_dict()`` passed back as ``state`` continues the stream exactly where it was under the same
     layout (see :func:`remap_state`), and restarts at its global sample count under another.
     """
-    if resolve_backend(backend, stream.shards) == "dali":
+    if resolve_backend(backend, stream.inputs) == "dali":
         return DaliTwoViewLoader(
             stream,
             device_id=device.index if device.type == "cuda" else None,

@@ -22,10 +22,11 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What one rank's stream of two-view batches reads, and in which order: the shards, the two views, the
-    batch per rank, this rank among ``world_size``, the shuffle's seed and buffer. Both loaders take it."""
+    """What one rank's stream of two-view batches reads, and in which order: the input (shards, or one ImageFolder
+    root or list file: :func:`~moco_scale.data.sources.list_inputs`), the two views, the batch per rank, this rank
+    among ``world_size``, the shuffle's seed and buffer. Both loaders take it."""
 
-    shards: list[str]
+    inputs: list[str]
     views: tuple[ViewSpec, ViewSpec]
     batch_size: int  # per rank
     rank: int = 0

@@ -1,12 +1,12 @@
 """The webdataset two-view loader (the fallback backend): crops per image, augmentation per batch (``batch_augment``).
 
-Sharding. Each epoch, the shards are put in an order drawn from (seed, epoch) and their samples
-laid end to end; rank r takes the r-th of W equal contiguous blocks, so every sample is seen
-exactly once per epoch across all ranks, except the last ``N mod W`` samples of that epoch's
-order (fewer than W), which are dropped. Any world size works, including more ranks than
-shards. Within a rank, workers split the block the same way, and a seeded shuffle buffer mixes
-samples. Each sample's augmentation is seeded by (seed, epoch, its place in the epoch), so the
-views do not depend on which worker drew them.
+Sharding. Each epoch, the parts of the input (its shards, or runs of an ImageFolder's files:
+:mod:`moco_scale.data.sources`) are put in an order drawn from (seed, epoch) and their samples laid end
+to end; rank r takes the r-th of W equal contiguous blocks, so every sample is seen exactly once per epoch
+across all ranks, except the last ``N mod W`` samples of that epoch's order (fewer than W), which are
+dropped. Any world size works, including more ranks than parts. Within a rank, workers split the block
+the same way, and a seeded shuffle buffer mixes samples. Each sample's augmentation is seeded by (seed,
+epoch, its place in the epoch), so the views do not depend on which worker drew them.
 
 Bad samples. A place that the manifest counts but the tar does not hold (a tar cut short) is served
 as a bad sample, so which places a reader serves, and in what order, follows from (shard sizes, seed,
@@ -29,11 +29,10 @@ import itertools
 import random
 import signal
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
@@ -41,7 +40,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, blur_window
 from moco_scale.data.batch_augment import BatchAugment, crop_views
-from moco_scale.data.shards import IMAGE_EXTENSIONS, DataError, StreamSpec, excluded_samples, shard_sizes
+from moco_scale.data.shards import IMAGE_EXTENSIONS, DataError, StreamSpec
+from moco_scale.data.sources import Sample, open_source
 
 
 class SigmaGaussianBlur(torch.nn.Module):
@@ -77,7 +77,7 @@ def view_transform(spec: ViewSpec) -> T.Compose:
 Position = tuple[int, int, int]  # a reader's (epoch, samples of it served so far, good or bad; bad samples so far)
 
 
-def decode_sample(sample: dict | None) -> tuple[Image.Image, int] | None:
+def decode_sample(sample: Sample) -> tuple[Image.Image, int] | None:
     """A webdataset sample's RGB image and label (-1 without ``cls``); None for a bad sample: missing (``None``,
     a place its tar does not hold), without an image member, or failing to decode in any way (a corrupt file makes
     PIL raise OSError, ValueError, SyntaxError, struct.error, DecompressionBombError and more).
@@ -99,21 +99,6 @@ def decode_sample(sample: dict | None) -> tuple[Image.Image, int] | None:
         return None
 
 
-def read_shard(shard: str, skip: Collection[str] = ()) -> wds.WebDataset:
-    """The samples of one shard in stored order, but for the keys in ``skip``; this process reads all of
-    it (the caller splits the work), and a truncated tar or an unreadable member is skipped with a
-    warning, not raised."""
-    samples = wds.WebDataset(
-        [shard],
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=None,
-        empty_check=False,
-        handler=wds.warn_and_continue,
-    )
-    return samples.select(lambda sample: sample["__key__"] not in skip) if skip else samples
-
-
 def ignore_stop_signals(worker_id: int) -> None:
     """``worker_init_fn`` of every loader: SIGUSR1, SIGTERM and SIGINT, which SLURM's ``--signal`` and
     ``kill -- -PGID`` deliver to every process of the job, are the main process's to act on (it stops, saves,
@@ -124,32 +109,32 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 @dataclass(frozen=True)
 class Span:
-    """Samples ``[first, end)`` of ``shard``, which start at ``offset`` in the epoch's order."""
+    """Samples ``[first, end)`` of ``part``, which start at ``offset`` in the epoch's order."""
 
-    shard: str
+    part: str
     first: int
     end: int
     offset: int
 
 
-def split_epoch(sizes: dict[str, int], seed: int, epoch: int, part: int, parts: int) -> list[Span]:
-    """Part ``part`` of ``parts`` equal contiguous blocks of the epoch's sample order."""
+def split_epoch(sizes: dict[str, int], seed: int, epoch: int, block: int, blocks: int) -> list[Span]:
+    """Block ``block`` of ``blocks`` equal contiguous blocks of the epoch's sample order (parts of ``sizes``)."""
     order = sorted(sizes)
     random.Random(f"{seed}/{epoch}").shuffle(order)
-    per_part = sum(sizes.values()) // parts
-    start, stop = part * per_part, (part + 1) * per_part
+    per_block = sum(sizes.values()) // blocks
+    start, stop = block * per_block, (block + 1) * per_block
     spans, offset = [], 0
-    for shard in order:
-        lo, hi = max(start, offset), min(stop, offset + sizes[shard])
+    for part in order:
+        lo, hi = max(start, offset), min(stop, offset + sizes[part])
         if lo < hi:
-            spans.append(Span(shard, lo - offset, hi - offset, offset))
-        offset += sizes[shard]
+            spans.append(Span(part, lo - offset, hi - offset, offset))
+        offset += sizes[part]
     return spans
 
 
 class TwoViewStream(IterableDataset):
     """An endless stream of ``(crop1, params1, crop2, params2, label, position)`` for one rank, over epochs of
-    WebDataset shards (see :meth:`__iter__`); ``position`` is ``(reader, epoch, served, bad)`` of the reader that
+    the input's parts (see :meth:`__iter__`); ``position`` is ``(reader, epoch, served, bad)`` of the reader that
     made it, after it.
 
     ``start`` (by reader; empty: every reader from the beginning) and ``worker_offset`` place a resumed stream
@@ -158,16 +143,16 @@ class TwoViewStream(IterableDataset):
 
     def __init__(
         self,
-        shards: list[str],
+        inputs: list[str],
         views: tuple[ViewSpec, ViewSpec],
         rank: int,
         world_size: int,
         seed: int = 0,
         shuffle_buffer: int = 1000,
     ):
-        self.sizes = shard_sizes(shards)
+        self.source = open_source(inputs)
+        self.sizes = self.source.sizes
         self.total = sum(self.sizes.values())
-        self.excluded = excluded_samples(shards)  # left out of the index by a shard check
         self.views = views
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -186,23 +171,23 @@ class TwoViewStream(IterableDataset):
         """Samples each reader (of ``readers`` per rank) serves per epoch."""
         return self.total // (self.world_size * readers)
 
-    def _read(self, spans: list[Span], start: int) -> Iterator[tuple[int, dict | None]]:
+    def _read(self, spans: list[Span], start: int) -> Iterator[tuple[int, Sample]]:
         """``(place, raw sample)`` of the spans' places from ``start`` on, in order; None for a place that its
-        tar does not hold (cut short). Shards wholly before ``start`` are not opened."""
+        part does not hold (a tar cut short). Parts wholly before ``start`` are not opened."""
         for span in spans:
             if span.offset + span.end <= start:
                 continue
-            samples = itertools.chain(read_shard(span.shard, self.excluded[span.shard]), itertools.repeat(None))
-            for index, sample in zip(range(span.end), samples, strict=False):  # samples is endless
-                if index >= span.first and span.offset + index >= start:
-                    yield span.offset + index, sample
+            first = max(span.first, start - span.offset)
+            samples = self.source.read(span.part, first)  # endless
+            for index, sample in zip(range(first, span.end), samples, strict=False):
+                yield span.offset + index, sample
 
-    def _epoch(self, epoch: int, skip: int) -> Iterator[tuple[int, dict | None]]:
+    def _epoch(self, epoch: int, skip: int) -> Iterator[tuple[int, Sample]]:
         """This reader's ``(place, raw sample)`` of ``epoch`` in serving order, but for the first ``skip``.
 
         A reader's places are a contiguous block of the epoch's order, and the shuffle buffer's draws depend only
         on how many places it holds, so the buffer is first replayed over place numbers: nothing skipped is
-        decoded, and only the shards from the one holding the oldest place still in the buffer on are read.
+        decoded, and only the parts from the one holding the oldest place still in the buffer on are read.
         """
         worker, workers = self.reader()
         spans = split_epoch(self.sizes, self.seed, epoch, self.rank * workers + worker, self.world_size * workers)
@@ -234,8 +219,8 @@ class TwoViewStream(IterableDataset):
         yield from refilled if flushed else self._shuffled(samples, rng, refilled)
 
     def _shuffled(
-        self, samples: Iterator[tuple[int, dict | None]], rng: random.Random, buffer: list[tuple[int, dict | None]]
-    ) -> Iterator[tuple[int, dict | None]]:
+        self, samples: Iterator[tuple[int, Sample]], rng: random.Random, buffer: list[tuple[int, Sample]]
+    ) -> Iterator[tuple[int, Sample]]:
         for item in samples:
             buffer.append(item)
             if len(buffer) >= self.shuffle_buffer:
@@ -243,7 +228,7 @@ class TwoViewStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def raw_stream(self, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, dict | None]]:
+    def raw_stream(self, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, Sample]]:
         """Endless ``(epoch, place, raw sample)`` in the order this reader serves them, from ``start``:
         ``(epoch, samples of it already served)``. A raw sample is None where its tar holds no sample."""
         epoch, skip = start
@@ -266,7 +251,7 @@ class TwoViewStream(IterableDataset):
                 bad += 1
                 failed_in_a_row += 1
                 if failed_in_a_row > self.total:
-                    raise DataError("every sample failed to decode: the shards hold no usable image")
+                    raise DataError("every sample failed to decode: the input holds no usable image")
                 continue
             failed_in_a_row = 0
             # the CPU generator only: torch.manual_seed also queues a seeding of every lazy device (CUDA, XPU,
@@ -384,14 +369,14 @@ def two_view_loader(
     """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``, made by ``workers``
     DataLoader processes (0: in this one); ``state`` (a ``state_dict()``) resumes (see :func:`resume_positions`)."""
     readers, batch_size, world_size = max(1, workers), stream.batch_size, stream.world_size
-    dataset = TwoViewStream(stream.shards, stream.views, stream.rank, world_size, stream.seed, stream.shuffle_buffer)
+    dataset = TwoViewStream(stream.inputs, stream.views, stream.rank, world_size, stream.seed, stream.shuffle_buffer)
     per_reader = dataset.places_per_reader(readers)
     positions, batches, bad_before = resume_positions(state, readers, per_reader, batch_size, world_size)
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
     dataset.start, dataset.worker_offset = positions, batches % readers
     collate = TwoViewCollate(stream.views, dtype)
     loader = stream_loader(dataset, dataset.total, batch_size, world_size, workers, pin_memory, collate)
-    left_out = sum(map(len, dataset.excluded.values()))
+    left_out = dataset.source.left_out
     return StreamBatches(loader, positions, batches, per_reader, world_size, left_out, bad_before)
 
 

@@ -164,7 +164,7 @@ def knn_top1(
 
 
 class KnnMonitor:
-    """kNN top-1 of a backbone: bank from labelled training shards, queries from held-out shards, with the
+    """kNN top-1 of a backbone: bank from a labelled training input, queries from a held-out one, with the
     ``eval`` section's batch size, k and temperature.
 
     Built once (every rank, with its rank and the world size); ``monitor(backbone)`` is a collective
@@ -174,8 +174,8 @@ class KnnMonitor:
 
     def __init__(
         self,
-        bank_shards: list[str],
-        query_shards: list[str],
+        bank_inputs: list[str],
+        query_inputs: list[str],
         image_size: int,
         settings: EvalConfig,
         rank: int,
@@ -185,8 +185,8 @@ class KnnMonitor:
         pin_memory: bool = False,
     ):
         batch = settings.batch_size
-        self.bank = eval_loader(bank_shards, image_size, batch, rank, world_size, workers, pin_memory)
-        self.queries = eval_loader(query_shards, image_size, batch, rank, world_size, workers, pin_memory)
+        self.bank = eval_loader(bank_inputs, image_size, batch, rank, world_size, workers, pin_memory)
+        self.queries = eval_loader(query_inputs, image_size, batch, rank, world_size, workers, pin_memory)
         self.sharded = world_size > 1
         self.k, self.temperature = settings.knn_k, settings.knn_temperature
 

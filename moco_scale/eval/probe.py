@@ -1,4 +1,4 @@
-"""Linear probe: a linear classifier on a frozen backbone, trained on labelled shards, top-1/top-5 on held-out ones.
+"""Linear probe: a linear classifier on a frozen backbone, trained on a labelled input, top-1/top-5 on a held-out one.
 
     python launchers/linear_probe.py --probe.init=runs/demo --train.progress=false
     python launchers/linear_probe.py --config configs/demo.yaml --probe.init=random
@@ -38,7 +38,8 @@ from moco_scale import checkpoint
 from moco_scale.config import SECTIONS, Config, ConfigError, load_config, parse_cli_overrides
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.labelled import eval_loader, linear_eval_stream, num_classes_of, train_loader
-from moco_scale.data.shards import DataError, count_samples, list_shards
+from moco_scale.data.shards import DataError
+from moco_scale.data.sources import list_inputs, open_source
 from moco_scale.distributed.comm import init_distributed, shutdown_distributed
 from moco_scale.eval.linear import LinearSchedule, evaluate, frozen_backbone, linear_head, train_linear
 from moco_scale.optim import linear_scaled_lr
@@ -53,32 +54,32 @@ class Probe:
 
     cfg: Config
     weights: dict[str, torch.Tensor] | None
-    train_shards: list[str]
-    val_shards: list[str]
+    train_inputs: list[str]
+    val_inputs: list[str]
     num_classes: int
     run_dir: Path
 
 
-def _shards(field: str, path: str, split: str) -> list[str]:
-    """The shards ``path`` names (``demo``: the demo's ``split``); errors name ``field``."""
+def _inputs(field: str, path: str, split: str) -> list[str]:
+    """The input ``path`` names (``list_inputs``; ``demo``: the demo's ``split``); errors name ``field``."""
     try:
-        return list_shards(str(ensure_demo_shards()[split])) if path == "demo" else list_shards(path)
+        return list_inputs(str(ensure_demo_shards()[split])) if path == "demo" else list_inputs(path)
     except DataError as err:
         raise DataError(f"{field}: {str(err).removeprefix('data.path: ')}") from None
 
 
-def _num_classes(given: int, train_shards: list[str], val_shards: list[str]) -> int:
-    """``given``, else the count the shards' manifests list; a mismatch between them is an error."""
-    listed = {split: num_classes_of(shards) for split, shards in (("train", train_shards), ("val", val_shards))}
+def _num_classes(given: int, train_inputs: list[str], val_inputs: list[str]) -> int:
+    """``given``, else the count the inputs give (``num_classes_of``); a mismatch between them is an error."""
+    listed = {split: num_classes_of(inputs) for split, inputs in (("train", train_inputs), ("val", val_inputs))}
     if listed["train"] and listed["val"] and listed["train"] != listed["val"]:
-        raise DataError(f"the train shards list {listed['train']} classes but the val shards {listed['val']}")
+        raise DataError(f"the train input has {listed['train']} classes but the val input {listed['val']}")
     known = listed["train"] or listed["val"]
     if not given:
         if known is None:
             raise ConfigError("probe.num_classes is needed: no manifest.json beside the shards lists class_names")
         return known
     if known is not None and given != known:
-        raise ConfigError(f"probe.num_classes={given} but the shards' manifest lists {known} classes")
+        raise ConfigError(f"probe.num_classes={given} but the input has {known} classes")
     return given
 
 
@@ -105,15 +106,15 @@ def resolve(config: str | None, overrides: dict[str, Any]) -> Probe:
             if located.parent.name == "checkpoints":
                 run_dir = located.parent.parent
     train_path = cfg.probe.train_path or cfg.data.path
-    train_shards = _shards("probe.train_path", train_path, "train")
+    train_inputs = _inputs("probe.train_path", train_path, "train")
     val_path = cfg.probe.val_path or cfg.eval.val_path or ("demo" if train_path == "demo" else "")
     if not val_path:
-        raise ConfigError("probe.val_path is needed: labelled held-out shards to measure the probe on")
-    val_shards = _shards("probe.val_path", val_path, "val")
+        raise ConfigError("probe.val_path is needed: labelled held-out input to measure the probe on")
+    val_inputs = _inputs("probe.val_path", val_path, "val")
     if weights is not None:
         frozen_backbone(cfg.model, cfg.data.image_size, weights)  # do they fit?
-    num_classes = _num_classes(cfg.probe.num_classes, train_shards, val_shards)
-    return Probe(cfg, weights, train_shards, val_shards, num_classes, Path(cfg.probe.run_dir or run_dir))
+    num_classes = _num_classes(cfg.probe.num_classes, train_inputs, val_inputs)
+    return Probe(cfg, weights, train_inputs, val_inputs, num_classes, Path(cfg.probe.run_dir or run_dir))
 
 
 def run(probe: Probe) -> dict[str, Any]:
@@ -124,7 +125,7 @@ def run(probe: Probe) -> dict[str, Any]:
     backbone = frozen_backbone(cfg.model, size, probe.weights, cfg.train.seed).to(ctx.device)
     head = linear_head(backbone.feature_dim, probe.num_classes, cfg.train.seed).to(ctx.device)
     global_batch = recipe.batch_size * ctx.world_size
-    steps_per_epoch = math.ceil(count_samples(probe.train_shards) / global_batch)
+    steps_per_epoch = math.ceil(sum(open_source(probe.train_inputs).sizes.values()) / global_batch)
     schedule = LinearSchedule(
         steps=recipe.max_steps or recipe.epochs * steps_per_epoch,
         peak_lr=linear_scaled_lr(recipe.base_lr, global_batch),
@@ -135,12 +136,12 @@ def run(probe: Probe) -> dict[str, Any]:
     )
     pin = ctx.device.type == "cuda"
     stream = linear_eval_stream(
-        probe.train_shards, size, recipe.batch_size, ctx.rank, ctx.world_size, cfg.train.seed, cfg.data.shuffle_buffer
+        probe.train_inputs, size, recipe.batch_size, ctx.rank, ctx.world_size, cfg.train.seed, cfg.data.shuffle_buffer
     )
     batches = train_loader(stream, workers=workers, pin_memory=pin)
     progress = cfg.train.progress and ctx.is_main
     losses = train_linear(backbone, head, batches, ctx.device, schedule, progress=progress)
-    val = eval_loader(probe.val_shards, size, recipe.batch_size, ctx.rank, ctx.world_size, workers, pin)
+    val = eval_loader(probe.val_inputs, size, recipe.batch_size, ctx.rank, ctx.world_size, workers, pin)
     scores = evaluate(backbone, head, val, ctx.device)
     tail = losses[-min(len(losses), steps_per_epoch) :]
     last_loss = torch.tensor([sum(tail) / len(tail)], device=ctx.device)
