@@ -9,6 +9,8 @@ All three loaders read the same JPEGs and produce both views of MoCo v2's augmen
   (decode and augmentation on the CPU in DALI's thread pool);
 - ``torch``: ``two_view_loader(..., workers=workers)``, the webdataset fallback (``batch_augment``), over the
   same shards;
+- ``dali-folder`` and ``torch-folder``: the same two loaders reading the ImageFolder tree below in place (DALI
+  through the list that ``moco_scale.data.image_folder``'s check writes, untimed);
 - ``reference``, written here the way fb/moco's ``main_moco.py`` loads data: ``ImageFolder`` over the
   same JPEGs as a class-folder tree, a two-crops transform around the PIL v2 augmentation (PIL
   Gaussian blur with ``radius = sigma``), in a ``DataLoader(num_workers=workers, shuffle=True,
@@ -45,6 +47,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from moco_scale.data.augment import moco_views
+from moco_scale.data.image_folder import check_folder
 from moco_scale.data.shards import StreamSpec, write_shards
 from moco_scale.data.torch_loader import two_view_loader
 
@@ -60,10 +63,12 @@ SHARD_SIZE = 128
 LANDSCAPE, PORTRAIT = (400, 300), (300, 400)  # (width, height)
 PORTRAIT_P = 0.25
 JPEG_QUALITY = 90
-LOADERS = ("dali", "torch", "reference")
+LOADERS = ("dali", "torch", "dali-folder", "torch-folder", "reference")
 DESCRIPTIONS = {
     "dali": "DaliTwoViewLoader(device_id=None, num_threads=workers), WebDataset shards",
     "torch": "two_view_loader(workers=workers), webdataset, crops per image and augmentation per batch, same shards",
+    "dali-folder": "DaliTwoViewLoader over the ImageFolder tree's checked list (fn.readers.file)",
+    "torch-folder": "two_view_loader over the ImageFolder tree, read in place",
     "reference": "fb/moco: ImageFolder + TwoCropsTransform(PIL v2 aug), DataLoader(shuffle=True)",
 }
 
@@ -111,15 +116,18 @@ def make_photos(count: int, seed: int = SEED) -> tuple[list[tuple[str, bytes, in
     return samples, names
 
 
-def write_dataset(samples: list[tuple[str, bytes, int]], names: list[str], root: Path) -> tuple[Path, list[str]]:
-    """The same JPEGs as an ImageFolder tree (``root/folder/<class>/<key>.jpg``) and as WebDataset shards."""
+def write_dataset(samples: list[tuple[str, bytes, int]], names: list[str], root: Path) -> dict[str, list[str]]:
+    """The same JPEGs as an ImageFolder tree (``root/folder/<class>/<key>.jpg``), its checked list and WebDataset
+    shards: each loader's ``inputs`` by name (the reference's: the tree)."""
     folder = root / "folder"
     for key, jpeg, label in samples:
         target = folder / names[label] / f"{key}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(jpeg)
-    shards = write_shards(samples, root / "shards", samples_per_shard=SHARD_SIZE, class_names=names)
-    return folder, [str(p) for p in shards]
+    shards = [str(p) for p in write_shards(samples, root / "shards", samples_per_shard=SHARD_SIZE, class_names=names)]
+    check_folder(str(folder), root / "checked.txt")
+    folders = {"dali-folder": [str(root / "checked.txt")], "torch-folder": [str(folder)], "reference": [str(folder)]}
+    return {"dali": shards, "torch": shards, **folders}
 
 
 def endless(loader: DataLoader) -> Iterator[object]:
@@ -128,15 +136,15 @@ def endless(loader: DataLoader) -> Iterator[object]:
         yield from loader
 
 
-def build_loader(name: str, folder: Path, shards: list[str], args: argparse.Namespace) -> Iterator[object]:
+def build_loader(name: str, inputs: list[str], args: argparse.Namespace) -> Iterator[object]:
     views = moco_views("v2", args.size)
-    if name == "dali":
+    if name.startswith("dali"):
         from moco_scale.data.dali import DaliTwoViewLoader
 
-        return DaliTwoViewLoader(StreamSpec(shards, views, args.batch, seed=SEED), num_threads=args.workers)
-    if name == "torch":
-        return two_view_loader(StreamSpec(shards, views, args.batch, seed=SEED), args.workers)
-    dataset = datasets.ImageFolder(str(folder), two_crops(views))
+        return DaliTwoViewLoader(StreamSpec(inputs, views, args.batch, seed=SEED), num_threads=args.workers)
+    if name.startswith("torch"):
+        return two_view_loader(StreamSpec(inputs, views, args.batch, seed=SEED), args.workers)
+    dataset = datasets.ImageFolder(inputs[0], two_crops(views))
     loader = DataLoader(
         dataset,
         batch_size=args.batch,
@@ -156,10 +164,10 @@ def check_batch(name: str, batch: object, args: argparse.Namespace) -> None:
         raise RuntimeError(f"{name}: expected two views of shape {shape}, got {[tuple(v.shape) for v in views]}")
 
 
-def time_one(name: str, folder: Path, shards: list[str], args: argparse.Namespace) -> dict[str, float]:
+def time_one(name: str, inputs: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Build a loader, warm it up, time ``args.batches`` batches, shut it down."""
     t_start = time.perf_counter()
-    loader = build_loader(name, folder, shards, args)
+    loader = build_loader(name, inputs, args)
     for _ in range(args.warmup):
         check_batch(name, next(loader), args)
     t0 = time.perf_counter()
@@ -190,12 +198,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="moco_throughput_") as tmp:
         t0 = time.perf_counter()
         samples, names = make_photos(args.images)
-        folder, shards = write_dataset(samples, names, Path(tmp))
+        inputs = write_dataset(samples, names, Path(tmp))
         jpeg_bytes = sum(len(s[1]) for s in samples)
         print(
             f"Data loading throughput: {args.images} JPEGs ({LANDSCAPE[0]}x{LANDSCAPE[1]}, "
             f"{PORTRAIT_P:.0%} {PORTRAIT[0]}x{PORTRAIT[1]}, quality {JPEG_QUALITY}, mean "
-            f"{jpeg_bytes / len(samples) / 1e3:.1f} kB) in {len(shards)} shards + an ImageFolder tree, "
+            f"{jpeg_bytes / len(samples) / 1e3:.1f} kB) in {len(inputs['dali'])} shards + an ImageFolder tree, "
             f"written in {time.perf_counter() - t0:.1f} s; MoCo v2 views at {args.size} px, batch {args.batch}, "
             f"{args.workers} workers; {args.rounds} rounds x {args.batches} batches after {args.warmup} warm-up; "
             f"torch {env['torch']}, torchvision {torchvision.__version__}, DALI {dali_version}, {env['cpu']}, "
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         )
         for r in range(args.rounds):
             order = LOADERS[r % len(LOADERS) :] + LOADERS[: r % len(LOADERS)]
-            result = {name: time_one(name, folder, shards, args) for name in order}
+            result = {name: time_one(name, inputs[name], args) for name in order}
             rounds.append(result)
             print(f"round {r + 1}: " + ", ".join(f"{n} {result[n]['samples_per_s']:.1f}/s" for n in order))
     per_round = {name: [r[name]["samples_per_s"] for r in rounds] for name in LOADERS}
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     print(
         "per-round ratios vs reference: "
-        + ", ".join(f"{name} " + " ".join(f"{v:.2f}" for v in round_ratio[name]) for name in ("dali", "torch"))
+        + ", ".join(f"{name} " + " ".join(f"{v:.2f}" for v in round_ratio[name]) for name in LOADERS[:-1])
     )
     for name in LOADERS:
         print(f"  {name}: {DESCRIPTIONS[name]}")
@@ -256,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "ratio_torch_vs_reference": ratio["torch"],
         "ratio_vs_reference_rounds": round_ratio["dali"],
         "ratio_torch_vs_reference_rounds": round_ratio["torch"],
+        "ratio_dali_folder_vs_reference": ratio["dali-folder"],
+        "ratio_torch_folder_vs_reference": ratio["torch-folder"],
         "dali": dali_version,
         "torchvision": torchvision.__version__,
         "pillow": PIL.__version__,

@@ -87,13 +87,17 @@ def draw_params(aug: Augmentation) -> torch.Tensor:
     return p
 
 
+def draw_views(width: int, height: int, views: tuple[ViewSpec, ...]) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """Each view's crop box and parameters for an image of ``width`` x ``height``, in the order both crop paths
+    draw them (so that the same seed gives the same views on either)."""
+    return [(draw_crop(width, height, spec.aug), draw_params(spec.aug)) for spec in views]
+
+
 def crop_views(image: Image.Image, views: tuple[ViewSpec, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each view's ``(uint8 crop (3, size, size), parameters)`` of a decoded RGB image. The horizontal flip is
     done here, on the crop (it commutes with every later step: they act per pixel or, the blur, symmetrically)."""
     out = []
-    for spec in views:
-        box = draw_crop(*image.size, spec.aug)
-        params = draw_params(spec.aug)
+    for spec, (box, params) in zip(views, draw_views(*image.size, views), strict=True):
         crop = image.resize((spec.size, spec.size), Image.BILINEAR, box=box)
         if params[COLUMN["flip"]]:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -104,30 +108,30 @@ def crop_views(image: Image.Image, views: tuple[ViewSpec, ...]) -> list[tuple[to
 def jitter_orders(params: torch.Tensor) -> torch.Tensor:
     """(B, 4): each sample's order of the jitter's steps, 0 brightness, 1 contrast, 2 saturation, 3 hue."""
     orders = [PERMUTATIONS[int(k)] for k in params[:, COLUMN["order"]].tolist()]
-    return torch.tensor(orders, dtype=torch.long).view(-1, 4)
+    return torch.tensor(orders, dtype=torch.long, device=params.device).view(-1, 4)
 
 
 def hue_rotation(turns: torch.Tensor) -> torch.Tensor:
     """(B, 3, 3) maps of RGB that turn the chroma plane of YIQ by ``turns`` and keep the luma (DALI's ``hsv``)."""
     angle = 2 * math.pi * turns
-    rotation = torch.zeros(len(turns), 3, 3)
+    rotation = torch.zeros(len(turns), 3, 3, device=turns.device)
     rotation[:, 0, 0] = 1.0
     rotation[:, 1, 1], rotation[:, 1, 2] = torch.cos(angle), -torch.sin(angle)
     rotation[:, 2, 1], rotation[:, 2, 2] = torch.sin(angle), torch.cos(angle)
-    return YIQ_TO_RGB @ rotation @ RGB_TO_YIQ
+    return YIQ_TO_RGB.to(turns.device) @ rotation @ RGB_TO_YIQ.to(turns.device)
 
 
 def jitter_map(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each jittered sample's four steps in its order, composed as ``(A (B, 3, 3), t (B, 3))``, ``y = A x + t``
     (the identity for the others). ``mean_rgb``: each image's mean colour, which the contrast step's mean gray
     level follows."""
-    batch = len(params)
-    eye = torch.eye(3).expand(batch, 3, 3)
-    gray = torch.tensor(GRAY)
+    batch, device = len(params), params.device
+    eye = torch.eye(3, device=device).expand(batch, 3, 3)
+    gray = torch.tensor(GRAY, device=device)
     gray_rows = gray.expand(3, 3)  # every channel <- the gray level
     brightness, contrast, saturation, hue = (params[:, COLUMN[name]] for name in FIELDS[1:5])
     orders, jittered = jitter_orders(params), params[:, COLUMN["jitter"]] > 0
-    a, t = eye.clone(), torch.zeros(batch, 3)
+    a, t = eye.clone(), torch.zeros(batch, 3, device=device)
     for place in range(4):
         for step in range(4):
             chosen = jittered & (orders[:, place] == step)
@@ -162,7 +166,7 @@ def jitter_and_gray(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     image, clamped."""
     a, t = jitter_map(params, x.mean(dim=(2, 3)))
     grayed = params[:, COLUMN["gray"]] > 0
-    a_gray, t_gray = _linear(torch.tensor(GRAY).expand(len(x), 3, 3), a, t)
+    a_gray, t_gray = _linear(torch.tensor(GRAY, device=x.device).expand(len(x), 3, 3), a, t)
     a, t = torch.where(grayed[:, None, None], a_gray, a), torch.where(grayed[:, None], t_gray, t)
     return _affine(x, a, t)
 
@@ -172,9 +176,9 @@ def gaussian_kernels(sigmas: torch.Tensor) -> torch.Tensor:
     R the largest radius."""
     radii = [blur_window(s) // 2 for s in sigmas.tolist()]
     radius = max(radii)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sigmas.device)
     kernels = torch.exp(-(x[None] ** 2) / (2 * sigmas[:, None] ** 2))
-    kernels = kernels * (x[None].abs() <= torch.tensor(radii)[:, None])
+    kernels = kernels * (x[None].abs() <= torch.tensor(radii, device=sigmas.device)[:, None])
     return kernels / kernels.sum(1, keepdim=True)
 
 
@@ -189,18 +193,19 @@ def blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch, channels, height, width)
 
 
-def batch_output(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def batch_output(shape: torch.Size, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
     """An empty tensor for a batch, in shared memory when made in a DataLoader worker: the batch then reaches the
     main process without the copy into shared memory that the queue would make (as torch's default collate does)."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device=device)
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 class BatchAugment:
     """One view's per-batch half: ``(uint8 crops (B, 3, S, S), parameters (B, PARAMS))`` -> normalised views (the
-    crops come flipped already, see :func:`crop_views`)."""
+    crops come flipped already, see :func:`crop_views`), on the crops' device: a loader worker's CPU, or the GPU
+    (:mod:`moco_scale.data.device_views`)."""
 
     def __init__(self, spec: ViewSpec, dtype: torch.dtype = torch.float32):
         self.aug, self.dtype = spec.aug, dtype
@@ -208,15 +213,17 @@ class BatchAugment:
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        params = params.to(crops.device)
         x = crops.float().div_(255)
         if ((params[:, COLUMN["jitter"]] > 0) | (params[:, COLUMN["gray"]] > 0)).any():
             x = jitter_and_gray(x, params)  # the whole batch: an identity map costs less than gathering the rest
         sigmas, blurred = params[:, COLUMN["sigma"]], params[:, COLUMN["blur"]] > 0
-        windows = torch.tensor([blur_window(sigma) for sigma in sigmas.tolist()])
+        windows = torch.tensor([blur_window(sigma) for sigma in sigmas.tolist()], device=x.device)
         for window in windows[blurred].unique().tolist():  # taps cost time: each window on its own
             chosen = blurred & (windows == window)
             x[chosen] = blur(x[chosen], sigmas[chosen])
         solarized = (params[:, COLUMN["solarize"]] > 0).view(len(x), 1, 1, 1)
         if solarized.any():
             x = torch.where(solarized & (x >= self.aug.solarize_threshold / 255), 1 - x, x)
-        return torch.div(x.sub_(self.mean), self.std, out=batch_output(x.shape, self.dtype))
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return torch.div(x.sub_(mean), std, out=batch_output(x.shape, self.dtype, x.device))

@@ -81,7 +81,8 @@ def two_view_batches(
     in ``dtype`` (the engine's compute precision: half the bytes to copy and shuffle in bf16/fp16).
 
     DALI decodes on this rank's GPU (``mixed``) when ``device`` is CUDA and on the CPU otherwise,
-    with ``workers`` CPU threads; the torch loader runs ``workers`` DataLoader processes. The result's
+    with ``workers`` CPU threads; the torch loader runs ``workers`` DataLoader processes, and on a GPU decodes
+    the JPEGs and augments the batches there (:mod:`moco_scale.data.device_views`). The result's
     ``state_dict()`` passed back as ``state`` continues the stream exactly where it was under the same
     layout (see :func:`remap_state`), and restarts at its global sample count under another.
     """
@@ -94,7 +95,9 @@ def two_view_batches(
             channels_last=channels_last,
             state=state,
         )
-    return two_view_loader(stream, workers, pin_memory=device.type == "cuda", state=state, dtype=dtype)
+    on_gpu = device.type == "cuda"
+    augment_on = device if on_gpu else None  # no DALI on a GPU: decode and augment there (device_views)
+    return two_view_loader(stream, workers, pin_memory=on_gpu, state=state, dtype=dtype, augment_on=augment_on)
 
 
 def remap_state(state: dict | None, saved: LoaderLayout | int, current: LoaderLayout | int) -> dict | None:

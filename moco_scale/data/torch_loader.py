@@ -39,7 +39,8 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, blur_window
-from moco_scale.data.batch_augment import BatchAugment, crop_views
+from moco_scale.data.batch_augment import BatchAugment, crop_views, draw_views
+from moco_scale.data.device_views import DeviceViews, Encoded, jpeg_to_decode
 from moco_scale.data.shards import IMAGE_EXTENSIONS, DataError, StreamSpec
 from moco_scale.data.sources import Sample, open_source
 
@@ -74,6 +75,7 @@ def view_transform(spec: ViewSpec) -> T.Compose:
     )
 
 
+NO_PIXELS = torch.empty(0, dtype=torch.uint8)  # a sample's payload or crop that it does not carry
 Position = tuple[int, int, int]  # a reader's (epoch, samples of it served so far, good or bad; bad samples so far)
 
 
@@ -97,6 +99,16 @@ def decode_sample(sample: Sample) -> tuple[Image.Image, int] | None:
         return rgb, int(sample["cls"]) if sample.get("cls") else -1
     except Exception:  # whatever a broken file makes the decoder raise: the sample is bad, training goes on
         return None
+
+
+def open_sample(sample: Sample) -> tuple[Image.Image | Encoded, int] | None:
+    """As :func:`decode_sample`, but a whole RGB or gray JPEG stays encoded, with its size
+    (:func:`~moco_scale.data.device_views.jpeg_to_decode`), for the device to decode."""
+    payload = next((sample[ext] for ext in IMAGE_EXTENSIONS if sample.get(ext)), None) if sample else None
+    encoded = jpeg_to_decode(payload) if payload else None
+    if encoded is None:
+        return decode_sample(sample)
+    return encoded, int(sample["cls"]) if sample.get("cls") else -1
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -138,7 +150,7 @@ class TwoViewStream(IterableDataset):
     made it, after it.
 
     ``start`` (by reader; empty: every reader from the beginning) and ``worker_offset`` place a resumed stream
-    (see :func:`resume_positions`).
+    (see :func:`resume_positions`). ``encoded``: JPEGs are left for the device to decode (see :meth:`__iter__`).
     """
 
     def __init__(
@@ -149,8 +161,10 @@ class TwoViewStream(IterableDataset):
         world_size: int,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        encoded: bool = False,
     ):
         self.source = open_source(inputs)
+        self.encoded = encoded
         self.sizes = self.source.sizes
         self.total = sum(self.sizes.values())
         self.views = views
@@ -237,16 +251,20 @@ class TwoViewStream(IterableDataset):
                 yield epoch, place, sample
             epoch, skip = epoch + 1, 0
 
-    def decoded(self, start: Position = (0, 0, 0)) -> Iterator[tuple[Image.Image, int, Position]]:
-        """``(image, label, position after it)`` of this reader's samples that decode, from ``start``; the bad
-        ones are counted in the position and skipped. torch's RNG is seeded for each sample from (seed, epoch,
-        place), so its augmentation does not depend on which worker drew it."""
+    def decoded(
+        self, start: Position = (0, 0, 0), decode: Callable[[Sample], tuple | None] | None = None
+    ) -> Iterator[tuple[Image.Image | Encoded, int, Position]]:
+        """``(image, label, position after it)`` of this reader's samples that ``decode`` (default
+        :func:`decode_sample`) takes, from ``start``; the bad ones are counted in the position and skipped. torch's
+        RNG is seeded for each sample from (seed, epoch, place), so its augmentation does not depend on which
+        worker drew it."""
+        decode = decode or decode_sample
         epoch, served, bad = start
         failed_in_a_row = 0
         for sample_epoch, place, sample in self.raw_stream((epoch, served)):
             served = served + 1 if sample_epoch == epoch else 1
             epoch = sample_epoch
-            image_label = decode_sample(sample)
+            image_label = decode(sample)
             if image_label is None:
                 bad += 1
                 failed_in_a_row += 1
@@ -261,11 +279,26 @@ class TwoViewStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Per sample: each view's uint8 crop and random parameters (``batch_augment.crop_views``), the label and
-        the position; :class:`TwoViewCollate` makes the views of a batch of them."""
+        the position; :class:`TwoViewCollate` makes the views of a batch of them. With ``encoded``, a JPEG comes
+        encoded instead, with both views' crop boxes, for the device to decode and crop
+        (:mod:`moco_scale.data.device_views`), and its crops are empty: ``(payload, boxes, crop1, params1, crop2,
+        params2, label, position)``."""
         reader, _ = self.reader()
-        for image, label, position in self.decoded(self.start[reader] if self.start else (0, 0, 0)):
-            (crop1, params1), (crop2, params2) = crop_views(image, self.views)
-            yield crop1, params1, crop2, params2, label, torch.tensor([reader, *position])
+        start = self.start[reader] if self.start else (0, 0, 0)
+        if not self.encoded:
+            for image, label, position in self.decoded(start):
+                (crop1, params1), (crop2, params2) = crop_views(image, self.views)
+                yield crop1, params1, crop2, params2, label, torch.tensor([reader, *position])
+            return
+        for item, label, position in self.decoded(start, open_sample):
+            if isinstance(item, Image.Image):
+                (crop1, params1), (crop2, params2) = crop_views(item, self.views)
+                payload, boxes = NO_PIXELS, torch.zeros(2, 4, dtype=torch.int64)
+            else:
+                (box1, params1), (box2, params2) = draw_views(*item[1], self.views)
+                payload, boxes = torch.frombuffer(bytearray(item[0]), dtype=torch.uint8), torch.tensor([box1, box2])
+                crop1 = crop2 = NO_PIXELS
+            yield payload, boxes, crop1, params1, crop2, params2, label, torch.tensor([reader, *position])
 
 
 class TwoViewCollate:
@@ -282,9 +315,29 @@ class TwoViewCollate:
         return view1, view2, torch.tensor(labels), torch.stack(positions)
 
 
+class EncodedCollate:
+    """A DataLoader's ``collate_fn`` for an ``encoded`` :class:`TwoViewStream`: payloads and crops as lists (their
+    sizes differ), boxes, parameters, labels and positions stacked; :class:`DeviceViews` finishes the views."""
+
+    def __call__(self, samples: list[tuple]) -> tuple:
+        payloads, boxes, crop1, params1, crop2, params2, labels, positions = zip(*samples, strict=True)
+        stacked = torch.stack(boxes), torch.stack(params1), torch.stack(params2), torch.tensor(labels)
+        return (
+            list(payloads),
+            stacked[0],
+            list(crop1),
+            stacked[1],
+            list(crop2),
+            stacked[2],
+            stacked[3],
+            torch.stack(positions),
+        )
+
+
 class StreamBatches:
     """Iterates a stream loader's batches without their positions, and keeps what a checkpoint and the log need:
-    each reader's position after the last of its batches consumed here, and the bad samples."""
+    each reader's position after the last of its batches consumed here, and the bad samples. ``finish``, when
+    given, makes the views of each batch in this process (:class:`DeviceViews`)."""
 
     def __init__(
         self,
@@ -295,8 +348,10 @@ class StreamBatches:
         world_size: int,
         left_out: int = 0,
         bad_before: int = 0,
+        finish: DeviceViews | None = None,
     ):
         self._batches = iter(loader)
+        self.finish = finish
         self.positions = [list(p) for p in positions]  # by reader
         self.batches = batches  # consumed by this rank (since the last restart at a global sample count)
         self.per_reader, self.world_size = per_reader, world_size
@@ -310,7 +365,7 @@ class StreamBatches:
         reader, epoch, served, bad = positions[-1].tolist()
         self.positions[reader] = [epoch, served, bad]
         self.batches += 1
-        return tuple(batch)
+        return self.finish(batch) if self.finish else tuple(batch)
 
     @property
     def bad_samples(self) -> int:
@@ -320,7 +375,8 @@ class StreamBatches:
     @property
     def decode_failures(self) -> int:
         """Samples this rank skipped for failing to decode, those before a restart at a global sample count included."""
-        return self.bad_before + sum(bad for _, _, bad in self.positions)
+        dropped = self.finish.dropped if self.finish else 0  # no decoder took them on the device
+        return self.bad_before + sum(bad for _, _, bad in self.positions) + dropped
 
     def state_dict(self) -> dict[str, int | list[list[int]]]:
         """Plain ints: ``readers`` (each reader's position), ``batches`` (which reader is next), and the global
@@ -365,19 +421,26 @@ def two_view_loader(
     pin_memory: bool = False,
     state: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    augment_on: torch.device | None = None,
 ) -> StreamBatches:
     """Batches of ``(view1, view2, labels)`` for this rank, forever, views in ``dtype``, made by ``workers``
-    DataLoader processes (0: in this one); ``state`` (a ``state_dict()``) resumes (see :func:`resume_positions`)."""
+    DataLoader processes (0: in this one); ``state`` (a ``state_dict()``) resumes (see :func:`resume_positions`).
+    ``augment_on`` (a GPU without DALI): JPEGs are decoded, cropped and augmented on that device, in this process
+    (:mod:`moco_scale.data.device_views`); the workers only read, draw and crop what the device cannot decode."""
     readers, batch_size, world_size = max(1, workers), stream.batch_size, stream.world_size
-    dataset = TwoViewStream(stream.inputs, stream.views, stream.rank, world_size, stream.seed, stream.shuffle_buffer)
+    encoded = augment_on is not None
+    dataset = TwoViewStream(
+        stream.inputs, stream.views, stream.rank, world_size, stream.seed, stream.shuffle_buffer, encoded
+    )
     per_reader = dataset.places_per_reader(readers)
     positions, batches, bad_before = resume_positions(state, readers, per_reader, batch_size, world_size)
     # DataLoader hands out batches round-robin over workers: reader w made batches w, w + readers, ...
     dataset.start, dataset.worker_offset = positions, batches % readers
-    collate = TwoViewCollate(stream.views, dtype)
+    collate = EncodedCollate() if encoded else TwoViewCollate(stream.views, dtype)
     loader = stream_loader(dataset, dataset.total, batch_size, world_size, workers, pin_memory, collate)
+    finish = DeviceViews(stream.views, augment_on, dtype) if encoded else None
     left_out = dataset.source.left_out
-    return StreamBatches(loader, positions, batches, per_reader, world_size, left_out, bad_before)
+    return StreamBatches(loader, positions, batches, per_reader, world_size, left_out, bad_before, finish)
 
 
 def stream_loader(
