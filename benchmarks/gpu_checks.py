@@ -17,13 +17,16 @@ every check runs with the CPU standing in for the GPU, so the code is exercised 
 - ``memory_format``: channels-last gives the same losses as contiguous over 3 steps, in fp32 and in bf16.
 - ``split_bn``: ``SplitBatchNorm`` (single-process shuffle-BN) on the device equals its CPU result: output,
   running statistics and gradients.
-- ``decode``: the torch loader's GPU JPEG decode against the CPU's; skipped until that path exists (issue 16).
+- ``decode``: the torch loader's device path (``moco_scale.data.device_views``, for GPUs without DALI): a batch of
+  JPEG photos decoded on the device against libjpeg-turbo on the CPU (mean gap <= ``DECODE_MEAN_GAP`` levels),
+  and the two views it makes from them on the device against the same on the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import math
 import traceback
 from collections.abc import Callable, Iterator
@@ -54,6 +57,8 @@ TWIN_STEPS = 3
 TWIN_RTOL = 2e-3
 FORMAT_RTOL = {"fp32": 1e-3, "bf16": 3e-2}  # bf16 keeps 8 bits: reordered sums differ by ~2^-8 per op
 SPLIT_BN_RTOL = 1e-5
+DECODE_MEAN_GAP = 1.5  # 0-255 levels: nvJPEG's IDCT and upsampling round otherwise than libjpeg-turbo's
+VIEW_MEAN_GAP = 0.03  # normalised units (~2 levels): the decode's gap, through the colour maps
 
 
 @dataclass(frozen=True)
@@ -322,8 +327,57 @@ def check_split_bn(device: torch.device) -> Check:
     return verdict(gaps[worst] <= SPLIT_BN_RTOL, detail, gaps=gaps)
 
 
-def check_decode() -> Check:
-    return {"status": "skip", "detail": "the torch loader has no GPU JPEG decode yet (issue 16)"}
+def photo_jpegs(count: int, size: tuple[int, int] = (400, 300)) -> list[bytes]:
+    """``count`` JPEGs (quality 90) of crops of scikit-learn's two sample photos, resized to ``size``."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos, out = load_sample_images().images, []
+    for i in range(count):
+        photo = photos[i % 2]
+        top, left = (i * 37) % 100, (i * 53) % 200
+        buffer = io.BytesIO()
+        Image.fromarray(photo[top : top + 320, left : left + 430]).resize(size).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def device_batch(jpegs: list[bytes], views: tuple, seed: int = 0) -> tuple:
+    """A batch for ``DeviceViews``: the encoded JPEGs, and both views' crop boxes and parameters drawn per image."""
+    from moco_scale.data.batch_augment import draw_views
+    from moco_scale.data.device_views import jpeg_to_decode
+
+    payloads, boxes, params = [], [], ([], [])
+    for i, jpeg in enumerate(jpegs):
+        torch.default_generator.manual_seed(seed * 100_003 + i)
+        (box1, p1), (box2, p2) = draw_views(*jpeg_to_decode(jpeg)[1], views)
+        payloads.append(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+        boxes.append([box1, box2])
+        params[0].append(p1)
+        params[1].append(p2)
+    empty = [torch.empty(0, dtype=torch.uint8)] * len(jpegs)
+    stacked = torch.stack(params[0]), torch.stack(params[1])
+    return payloads, torch.tensor(boxes), empty, stacked[0], empty, stacked[1], torch.arange(len(jpegs))
+
+
+def check_decode(device: torch.device) -> Check:
+    """The device path's decode and views on the device against the CPU, on 32 JPEG photos."""
+    from moco_scale.data.augment import moco_views
+    from moco_scale.data.device_views import DeviceViews, decode_on
+
+    batch = device_batch(photo_jpegs(32), moco_views("v2", 224))
+    cpu_images = decode_on(batch[0], torch.device("cpu"))
+    device_images = decode_on(batch[0], device)
+    pairs = zip(cpu_images, device_images, strict=True)
+    decode_gap = max((a.float() - b.cpu().float()).abs().mean().item() for a, b in pairs)
+    views = [DeviceViews(moco_views("v2", 224), where)(batch) for where in (torch.device("cpu"), device)]
+    view_gap = max((a - b.cpu()).abs().mean().item() for a, b in zip(views[0][:2], views[1][:2], strict=True))
+    passed = decode_gap <= DECODE_MEAN_GAP and view_gap <= VIEW_MEAN_GAP
+    detail = (
+        f"{device.type} vs cpu: decode mean gap {decode_gap:.3f} levels (<= {DECODE_MEAN_GAP}), views mean gap "
+        f"{view_gap:.4f} (<= {VIEW_MEAN_GAP}, normalised units)"
+    )
+    return verdict(passed, detail, decode_gap=decode_gap, view_gap=view_gap)
 
 
 def correctness_phase(
@@ -339,5 +393,5 @@ def correctness_phase(
             checks[f"cpu_twin_{name}"] = lambda name=name: check_cpu_twin(name, device)
         checks["memory_format"] = lambda: check_memory_format(device)
         checks["split_bn"] = lambda: check_split_bn(device)
-        checks["decode"] = check_decode
+        checks["decode"] = lambda: check_decode(device)
     return run_checks(checks)

@@ -49,20 +49,21 @@ import torch
 
 from moco_scale.config import MocoConfig, ModelConfig
 from moco_scale.distributed.comm import init_distributed
+from moco_scale.engine.base import COMPUTE_DTYPES
 from moco_scale.engine.local import LocalEngine
 from moco_scale.moco import MoCo
 from moco_scale.models import VIT_SPECS, build_backbone
 from moco_scale.optim import build_optimizer, linear_scaled_lr
 
 try:
-    from benchmarks._common import environment, format_table, write_json
+    from benchmarks._common import environment, format_table, median, write_json
     from benchmarks.ema import bench_device
-    from benchmarks.gpu_checks import correctness_phase
+    from benchmarks.gpu_checks import correctness_phase, device_batch, photo_jpegs
     from benchmarks.throughput import measure_methods, summarise_method
 except ModuleNotFoundError:  # run as ``python benchmarks/gpu_suite.py``: the script's folder is on sys.path
-    from _common import environment, format_table, write_json
+    from _common import environment, format_table, median, write_json
     from ema import bench_device
-    from gpu_checks import correctness_phase
+    from gpu_checks import correctness_phase, device_batch, photo_jpegs
     from throughput import measure_methods, summarise_method
 
 GOAL_PAIRS_PER_S = {"resnet50": 7000, "vit_base": 1500}  # issue goals, per H100/H200, compute only
@@ -100,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["bf16", "fp32"], help="default bf16 (fp32 for a CPU --tiny)")
     parser.add_argument(
         "--checks", choices=["all", "placement", "none"], default="all", help="the correctness phase's checks"
+    )
+    parser.add_argument(
+        "--loader-batches", type=int, default=10, help="timed batches of the torch loader's device path (0: skip)"
     )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per method first")
@@ -190,6 +194,30 @@ def throughput_phase(
     torch.backends.cudnn.benchmark = False
     per_rank = [{"methods": results}]
     return {name: summarise_method(name, per_rank, args.batch) for name in methods}
+
+
+def loader_phase(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The torch loader's device path for GPUs without DALI (``DeviceViews``): a batch of 400x300 JPEG photos
+    decoded on the device in one call, both MoCo v2 views cropped and augmented there; pairs/s, median of
+    ``--loader-batches`` after 2 warm-up batches (the workers' reading and drawing not included)."""
+    from moco_scale.data.augment import moco_views
+    from moco_scale.data.device_views import DeviceViews
+
+    views = moco_views("v2", args.image_size)
+    batch = device_batch(photo_jpegs(args.batch), views)
+    finish = DeviceViews(views, device, COMPUTE_DTYPES[args.precision])
+    seconds = []
+    for i in range(2 + args.loader_batches):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        finish(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            seconds.append(time.perf_counter() - t0)
+    per_batch = median(seconds)
+    return {"pairs_per_s": args.batch / per_batch, "ms_per_batch": 1e3 * per_batch, "batches": len(seconds)}
 
 
 def ema_phase(args: argparse.Namespace, model: MoCo, device: torch.device) -> dict[str, Any]:
@@ -301,6 +329,9 @@ def print_summary(payload: dict[str, Any]) -> None:
     ema = payload.get("ema")
     if ema:
         rows += [[f"EMA ms, {name}", ms] for name, ms in ema["ms"].items()]
+    loader = payload.get("loader", {})
+    if "pairs_per_s" in loader:
+        rows.append(["pairs/s, torch loader device path (decode + views)", loader["pairs_per_s"]])
     mb = payload.get("max_batch")
     if mb:
         rows.append(["largest batch that fits", mb["largest_batch_that_fits"] or "-"])
@@ -349,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("correctness", lambda: checks_phase(args, engines["engine"], device)),
         ("throughput", lambda: throughput_phase(args, engines, lr, device)),
         ("ema", lambda: ema_phase(args, model, device)),
+        ("loader", lambda: loader_phase(args, device) if args.loader_batches else {"skipped": "--loader-batches 0"}),
         ("max_batch", lambda: max_batch_phase(args, engines["engine"], lr, device, deadline)),
     ]
     for name, phase in phases:

@@ -2,7 +2,8 @@
 # The correctness checks (benchmarks/gpu_checks.py, under a minute), then ResNet-50 MoCo v2 and ViT-B/16 MoCo v3
 # on one GPU (about 6 minutes, at most 9): pairs/s and the stage breakdown at
 # batch 256 (bf16, channels_last, synthetic views on the device), the EMA (CUDA graph vs per-parameter loop),
-# and the largest batch that fits; a short table printed last; JSON and log under $OUT.
+# the torch loader's device path for GPUs without DALI (JPEG decode + views, with the ResNet), and the largest batch
+# that fits; a short table printed last; JSON and log under $OUT.
 #
 #   bash benchmarks/fetch_wheels.sh     # once, where pip reaches PyPI: fills benchmarks/wheels/
 #   bash benchmarks/gpu_suite.sh        # on the GPU machine, with benchmarks/wheels carried along
@@ -34,5 +35,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 timeout --signal=INT --kill-after=20 300 "$PYTHON" benchmarks/gpu_suite.py --budget-s 250 --json "$OUT/gpu_suite.json" "$@" 2>&1 \
     | tee "$OUT/gpu_suite.log"
 # ViT-B/16 MoCo v3 (issue 15's goal: >= 1,500 pairs/s per H200, compute only), after the ResNet's figures are safe
-timeout --signal=INT --kill-after=20 200 "$PYTHON" benchmarks/gpu_suite.py --arch vit_base --checks placement --budget-s 150 \
+timeout --signal=INT --kill-after=20 200 "$PYTHON" benchmarks/gpu_suite.py --arch vit_base --checks placement --loader-batches 0 \
+    --budget-s 150 \
     --json "$OUT/gpu_suite_vit_b.json" "$@" 2>&1 | tee "$OUT/gpu_suite_vit_b.log"

@@ -51,7 +51,7 @@ from moco_scale.data.loader import resolve_backend
 from moco_scale.distributed.comm import free_port, init_distributed, set_local_rank_env, shutdown_distributed
 from moco_scale.observe import profiling
 from moco_scale.optim import linear_scaled_lr
-from moco_scale.train import build_batches, build_engine, resolve_shards, uses_channels_last
+from moco_scale.train import build_batches, build_engine, resolve_inputs, uses_channels_last
 
 try:
     from benchmarks._common import environment, format_table, median, spread, time_interleaved, write_json
@@ -196,7 +196,7 @@ def rank_methods(args: argparse.Namespace, cfg: Config, rank: int, world: int) -
     if "compute" in args.mode_list:
         methods["compute"] = lambda: our_step(*views, "compute")
     if "e2e" in args.mode_list:
-        shards = resolve_shards(cfg)[0]
+        shards = resolve_inputs(cfg)[0]
         data_backend = resolve_backend(cfg.data.backend, shards)
         batches = build_batches(cfg, ctx, shards)
 
