@@ -120,3 +120,31 @@ def test_crop_boxes_are_torchvisions_draws() -> None:
             torch.manual_seed(seed)
             top, left, h, w = T.RandomResizedCrop.get_params(image, list(aug.crop_scale), list(aug.crop_ratio))
             assert ours == (left, top, left + w, top + h), seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_whole_view_is_torchvisions_steps_then_the_normalisation(dtype: torch.dtype) -> None:
+    """Every step at once, on normalised values inside (see BatchAugment): jitter in each sample's order, grayscale,
+    blur and solarize, as torchvision applies them one image at a time in [0, 1], then Normalize."""
+    spec = ViewSpec(12, Augmentation(solarize_threshold=128.0))
+    crops = (255 * _images(16, seed=5, low=0.3, high=0.6)).round().to(torch.uint8)
+    params = _params(16, seed=3)
+    column = {name: FIELDS.index(name) for name in ("jitter", "gray", "blur", "sigma", "solarize")}
+    params[::2, column["gray"]] = 1.0
+    params[::3, column["blur"]] = 1.0
+    params[:, column["sigma"]] = torch.linspace(0.1, 2.0, 16)
+    plain = torch.arange(16) % 4 == 1  # no jitter, gray or blur: their levels sit exactly on the threshold's grid
+    params[plain, column["jitter"]] = params[plain, column["gray"]] = params[plain, column["blur"]] = 0.0
+    params[plain, column["solarize"]] = 1.0
+    expected = []
+    for crop, p in zip(crops, params.tolist(), strict=True):
+        x = _reference_jitter(crop.float() / 255, p)
+        if p[column["blur"]]:
+            x = TF.gaussian_blur(x, [blur_window(p[column["sigma"]])] * 2, [p[column["sigma"]]] * 2)
+        if p[column["solarize"]]:
+            x = torch.where(x >= 128 / 255, 1 - x, x)
+        expected.append(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
+    views = BatchAugment(spec, dtype)(crops, params)
+    assert views.dtype == dtype and (crops[plain] >= 128).any()  # some levels on or above the threshold
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(views.float(), torch.stack(expected), atol=tolerance, rtol=0)

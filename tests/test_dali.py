@@ -17,11 +17,13 @@ pytest.importorskip("nvidia.dali")
 from nvidia.dali.tensors import TensorListCPU
 
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, ViewSpec, moco_views
+from moco_scale.data.batch_augment import COLUMN, BatchAugment
 from moco_scale.data.dali import (
     DaliTwoViewLoader,
     build_two_view_pipeline,
     cls_labels,
     dali_available,
+    finish_batch,
     index_paths,
 )
 from moco_scale.data.shards import StreamSpec, list_shards, write_shards
@@ -40,9 +42,10 @@ def _pixels(views: torch.Tensor | TensorListCPU) -> torch.Tensor:
     return (x.float() * std + mean) * 255
 
 
-def _keys(views: TensorListCPU) -> list[str]:
-    """The sample keys of a batch, from DALI's source info (``archive:offset:key.ext``)."""
-    return [views[i].source_info().rsplit(":", 1)[1].split(".")[0] for i in range(len(views))]
+def _keys(output: TensorListCPU) -> list[str]:
+    """The sample keys of a batch, from the source info of a pipeline output (``archive:offset:key.ext``): ``cls``
+    (empty where a sample has none), or an unflipped crop (``fn.flip`` drops the info of the samples it flips)."""
+    return [output[i].source_info().rsplit(":", 1)[1].split(".")[0] for i in range(len(output))]
 
 
 def _tar_members(shards: list[str]) -> dict[str, bytes]:
@@ -73,11 +76,14 @@ def color_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [str(p) for p in write_shards(samples, folder, samples_per_shard=8)]
 
 
-def _run(shards: list[str], views: tuple[ViewSpec, ViewSpec], batch_size: int = 8) -> list[TensorListCPU]:
-    """One CPU batch of ``(view1, view2, cls)``."""
+def _run(shards: list[str], views: tuple[ViewSpec, ViewSpec], batch_size: int = 8) -> tuple:
+    """One CPU batch: ``(view1, view2, labels)`` as the loader finishes it, and the pipeline's raw outputs
+    ``(crop1, params1, crop2, params2, cls)``."""
     pipe = build_two_view_pipeline(StreamSpec(shards, views, batch_size), device_id=None, num_threads=1)
     pipe.build()
-    return pipe.run()
+    outputs = pipe.run()
+    augment = (BatchAugment(views[0]), BatchAugment(views[1]))
+    return *finish_batch(outputs, augment, torch.device("cpu")), outputs
 
 
 def test_dali_is_available() -> None:
@@ -117,9 +123,8 @@ def test_labels_are_the_samples_cls(demo_shards: dict[str, Path]) -> None:
     pipe = build_two_view_pipeline(StreamSpec(shards, moco_views("v2", 16), 32), device_id=None, num_threads=2)
     pipe.build()
     for _ in range(2):
-        view1, view2, cls = pipe.run()
-        keys = _keys(view1)
-        assert keys == _keys(view2)
+        *_, cls = pipe.run()
+        keys = _keys(cls)
         assert cls_labels(cls).tolist() == [int(members[f"{k}.cls"]) for k in keys]
 
 
@@ -132,8 +137,8 @@ def test_samples_without_cls_get_label_minus_one(tmp_path: Path, demo_shards: di
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    view1, _, cls = _run([str(tmp_path / "mixed.tar")], (PLAIN, PLAIN), batch_size=4)
-    labels = dict(zip(_keys(view1), cls_labels(cls).tolist(), strict=True))
+    *_, outputs = _run([str(tmp_path / "mixed.tar")], (PLAIN, PLAIN), batch_size=4)
+    labels = dict(zip(_keys(outputs[0]), cls_labels(outputs[-1]).tolist(), strict=True))  # PLAIN: no flip
     assert labels == {"s0": 7, "s1": -1, "s2": 12, "s3": -1}
 
 
@@ -142,11 +147,15 @@ def test_two_ranks_split_each_epoch_without_overlap(demo_shards: dict[str, Path]
     everything = {name.split(".")[0] for name in _tar_members(shards)}
     epochs: list[list[list[str]]] = []
     for rank in range(2):
-        loader = DaliTwoViewLoader(StreamSpec(shards, moco_views("v2", 8), 100, rank, 2, seed=3), num_threads=2)
+        stream = StreamSpec(shards, moco_views("v2", 8), 100, rank, 2, seed=3)
+        pipe = build_two_view_pipeline(stream, device_id=None, num_threads=2)
+        pipe.build()
+        loader = DaliTwoViewLoader(stream, num_threads=1)
         n = loader.samples_per_epoch
+        loader.close()
         keys: list[str] = []
         while len(keys) < 2 * n:
-            keys += _keys(loader.pipe.run()[0])
+            keys += _keys(pipe.run()[-1])
         epochs.append([keys[:n], keys[n : 2 * n]])
     assert [len(e[0]) for e in epochs] == [748, 749]
     for mine, theirs in zip(*epochs, strict=True):
@@ -158,23 +167,25 @@ def _varied(spec: ViewSpec, **changes: object) -> ViewSpec:
     return ViewSpec(spec.size, replace(spec.aug, **changes))
 
 
-def test_flip_mirrors_the_decoded_image(color_shards: list[str]) -> None:
-    view, flipped, _ = _run(color_shards, (PLAIN, _varied(PLAIN, flip_p=1.0)))
-    image = _decoded(color_shards, _keys(view))
+def test_flip_mirrors_the_decoded_image_and_the_parameters_say_so(color_shards: list[str]) -> None:
+    view, flipped, _, outputs = _run(color_shards, (PLAIN, _varied(PLAIN, flip_p=1.0)))
+    image = _decoded(color_shards, _keys(outputs[-1]))
+    params = [torch.from_numpy(outputs[i].as_array()) for i in (1, 3)]
+    assert (params[0][:, COLUMN["flip"]] == 0).all() and (params[1][:, COLUMN["flip"]] == 1).all()
     torch.testing.assert_close(_pixels(view), image, atol=1e-3, rtol=0)
     torch.testing.assert_close(_pixels(flipped), image.flip(-1), atol=1e-3, rtol=0)
 
 
 def test_grayscale_makes_channels_equal(color_shards: list[str]) -> None:
     color = ViewSpec(24, Augmentation(jitter_p=0.0, grayscale_p=0.0))
-    view, gray, _ = _run(color_shards, (color, _varied(color, grayscale_p=1.0)))
+    view, gray, _, _ = _run(color_shards, (color, _varied(color, grayscale_p=1.0)))
     spread = [(x.amax(1) - x.amin(1)).amax((1, 2)) for x in (_pixels(view), _pixels(gray))]  # per image
     assert (spread[0] > 20).all() and (spread[1] < 0.01).all()
 
 
 @pytest.mark.parametrize("threshold", [128, 200])
 def test_solarize_inverts_pixels_from_the_threshold(color_shards: list[str], threshold: int) -> None:
-    view, solarized, _ = _run(color_shards, (PLAIN, _varied(PLAIN, solarize_p=1.0, solarize_threshold=threshold)))
+    view, solarized, _, _ = _run(color_shards, (PLAIN, _varied(PLAIN, solarize_p=1.0, solarize_threshold=threshold)))
     pixels = _pixels(view).round()
     assert (pixels >= threshold).float().mean() > 0.05
     expected = torch.where(pixels >= threshold, 255 - pixels, pixels)
@@ -184,7 +195,7 @@ def test_solarize_inverts_pixels_from_the_threshold(color_shards: list[str], thr
 @pytest.mark.parametrize("which", ["brightness", "contrast"])
 def test_jitter_scales_about_black_or_the_mean_gray(color_shards: list[str], which: str) -> None:
     jitter = (0.4, 0.0, 0.0, 0.0) if which == "brightness" else (0.0, 0.4, 0.0, 0.0)
-    view, jittered, _ = _run(color_shards, (PLAIN, _varied(PLAIN, jitter=jitter, jitter_p=1.0)))
+    view, jittered, _, _ = _run(color_shards, (PLAIN, _varied(PLAIN, jitter=jitter, jitter_p=1.0)))
     factors = []
     for before, after in zip(_pixels(view), _pixels(jittered), strict=True):
         center = 0.0 if which == "brightness" else (before * torch.tensor(LUMA).view(3, 1, 1)).sum(0).mean()

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from moco_scale.data import image_folder, loader
-from moco_scale.data.augment import moco_views
+from moco_scale.data.augment import ViewSpec, moco_views
 from moco_scale.data.dali import dali_available
 from moco_scale.data.image_folder import FolderIndex, check_folder, read_list, scan_folder, write_list
 from moco_scale.data.labelled import eval_loader, num_classes_of
@@ -190,18 +191,23 @@ def test_the_check_writes_a_list_of_what_decodes_and_dali_streams_it_exactly_onc
     assert open_source([str(checked)]).left_out == len(BAD)
     if "dali" not in index.checked_with:
         pytest.skip("DALI is not installed: the checked list is PIL's only")
-    from moco_scale.data.dali import DaliTwoViewLoader, cls_labels
+    from moco_scale.data.dali import DaliTwoViewLoader, build_two_view_pipeline, cls_labels
 
     assert loader.resolve_backend("auto", [str(checked)]) == "dali"
     expected = dict(zip(index.paths, index.labels, strict=True))
     epochs = []
     for rank in range(2):
-        dali = DaliTwoViewLoader(StreamSpec([str(checked)], moco_views("v2", 16), 9, rank, 2, seed=3), num_threads=1)
-        assert dali.bad_samples == len(BAD)
+        unflipped = tuple(ViewSpec(v.size, replace(v.aug, flip_p=0.0)) for v in moco_views("v2", 16))
+        stream = StreamSpec([str(checked)], unflipped, 9, rank, 2, seed=3)
+        dali = DaliTwoViewLoader(stream, num_threads=1)
+        assert dali.bad_samples == len(BAD) and next(dali)[0].shape == (9, 3, 16, 16)
+        dali.close()
+        pipe = build_two_view_pipeline(stream, device_id=None, num_threads=1)  # its outputs name their files
+        pipe.build()
         n, files = dali.samples_per_epoch, []
         while len(files) < 2 * n:
-            view1, _, cls = dali.pipe.run()
-            files += [view1[i].source_info() for i in range(len(view1))]
+            crop1, *_, cls = pipe.run()  # an unflipped crop keeps its file's name (fn.flip drops it)
+            files += [crop1[i].source_info() for i in range(len(crop1))]
             labels = cls_labels(cls).tolist()
             assert labels == [expected[f] for f in files[-len(labels) :]]
         epochs.append([files[:n], files[n : 2 * n]])

@@ -36,6 +36,7 @@ FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "order", "gra
 PARAMS = len(FIELDS)  # per view and sample: a float vector indexed by FIELDS
 COLUMN = {name: i for i, name in enumerate(FIELDS)}
 PERMUTATIONS = list(itertools.permutations(range(4)))  # the jitter's orders; "order" indexes them
+SOLARIZE_TIE = 1e-4  # normalised units: a level exactly at the threshold still inverts, whatever the rounding
 
 
 def draw_crop(width: int, height: int, aug: Augmentation) -> tuple[int, int, int, int]:
@@ -161,14 +162,19 @@ def _affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return flat.clamp_(0, 1).reshape(x.shape)
 
 
+def colour_map(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's colour jitter in its own order, then its grayscale, as one ``(A (B, 3, 3), t (B, 3))`` on
+    [0, 1] colours (:func:`jitter_map`; ``mean_rgb`` each image's mean colour there)."""
+    a, t = jitter_map(params, mean_rgb)
+    grayed = params[:, COLUMN["gray"]] > 0
+    a_gray, t_gray = _linear(torch.tensor(GRAY, device=params.device).expand(len(params), 3, 3), a, t)
+    return torch.where(grayed[:, None, None], a_gray, a), torch.where(grayed[:, None], t_gray, t)
+
+
 def jitter_and_gray(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Colour jitter in each sample's own order, then grayscale, on (B, 3, H, W) in [0, 1]: one affine map per
     image, clamped."""
-    a, t = jitter_map(params, x.mean(dim=(2, 3)))
-    grayed = params[:, COLUMN["gray"]] > 0
-    a_gray, t_gray = _linear(torch.tensor(GRAY, device=x.device).expand(len(x), 3, 3), a, t)
-    a, t = torch.where(grayed[:, None, None], a_gray, a), torch.where(grayed[:, None], t_gray, t)
-    return _affine(x, a, t)
+    return _affine(x, *colour_map(params, x.mean(dim=(2, 3))))
 
 
 def gaussian_kernels(sigmas: torch.Tensor) -> torch.Tensor:
@@ -204,26 +210,44 @@ def batch_output(shape: torch.Size, dtype: torch.dtype, device: torch.device | N
 
 class BatchAugment:
     """One view's per-batch half: ``(uint8 crops (B, 3, S, S), parameters (B, PARAMS))`` -> normalised views (the
-    crops come flipped already, see :func:`crop_views`), on the crops' device: a loader worker's CPU, or the GPU
-    (:mod:`moco_scale.data.device_views`)."""
+    crops come flipped already, see :func:`crop_views`), on the crops' device: a loader worker's CPU, the DALI
+    loader's thread, or the GPU (:mod:`moco_scale.data.device_views`).
+
+    The steps work on normalised values, so that the batch is read and written few times: the scaling to
+    [0, 1], the colour map (:func:`colour_map`) and the normalisation are one affine map per image, written
+    straight into the output; the clamp to [0, 1] is a clamp to each channel's normalised bounds; the blur
+    commutes with the per-channel normalisation (its kernel sums to 1), and the solarize threshold and inversion
+    are carried over to normalised units.
+    """
 
     def __init__(self, spec: ViewSpec, dtype: torch.dtype = torch.float32):
         self.aug, self.dtype = spec.aug, dtype
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN)
+        self.std = torch.tensor(IMAGENET_STD)
 
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        params = params.to(crops.device)
-        x = crops.float().div_(255)
+        device, batch = crops.device, len(crops)
+        params = params.to(device)
+        mean, std = self.mean.to(device), self.std.to(device)
+        x = crops.float()
         if ((params[:, COLUMN["jitter"]] > 0) | (params[:, COLUMN["gray"]] > 0)).any():
-            x = jitter_and_gray(x, params)  # the whole batch: an identity map costs less than gathering the rest
+            a, t = colour_map(params, x.mean(dim=(2, 3)) / 255)  # the whole batch: an identity costs less than a gather
+        else:
+            a, t = torch.eye(3, device=device).expand(batch, 3, 3), torch.zeros(batch, 3, device=device)
+        a, t = a / (255 * std[:, None]), (t - mean) / std  # from 0-255 levels straight to normalised values
+        out = batch_output(x.shape, self.dtype, device)
+        z = out if self.dtype == torch.float32 else torch.empty(x.shape, device=device)
+        torch.baddbmm(t[:, :, None], a, x.reshape(batch, 3, -1), out=z.view(batch, 3, -1))
+        for channel, (low, high) in enumerate(zip((-mean / std).tolist(), ((1 - mean) / std).tolist(), strict=True)):
+            z[:, channel].clamp_(low, high)  # scalar bounds: 3x faster than one clamp to broadcast tensors
         sigmas, blurred = params[:, COLUMN["sigma"]], params[:, COLUMN["blur"]] > 0
-        windows = torch.tensor([blur_window(sigma) for sigma in sigmas.tolist()], device=x.device)
+        windows = torch.tensor([blur_window(sigma) for sigma in sigmas.tolist()], device=device)
         for window in windows[blurred].unique().tolist():  # taps cost time: each window on its own
             chosen = blurred & (windows == window)
-            x[chosen] = blur(x[chosen], sigmas[chosen])
-        solarized = (params[:, COLUMN["solarize"]] > 0).view(len(x), 1, 1, 1)
-        if solarized.any():
-            x = torch.where(solarized & (x >= self.aug.solarize_threshold / 255), 1 - x, x)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return torch.div(x.sub_(mean), std, out=batch_output(x.shape, self.dtype, x.device))
+            z[chosen] = blur(z[chosen], sigmas[chosen])
+        solarized = (params[:, COLUMN["solarize"]] > 0).view(batch, 1, 1, 1)
+        if solarized.any():  # v >= threshold -> 1 - v, in normalised units (a level is ~0.017: the margin is a tie's)
+            threshold = ((self.aug.solarize_threshold / 255 - mean) / std - SOLARIZE_TIE).view(1, 3, 1, 1)
+            inverted = ((1 - 2 * mean) / std).view(1, 3, 1, 1) - z
+            z.copy_(torch.where(solarized & (z >= threshold), inverted, z))
+        return out if z is out else out.copy_(z)

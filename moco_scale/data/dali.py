@@ -1,10 +1,12 @@
 """The NVIDIA DALI two-view loader: the same views and sharding as :mod:`moco_scale.data.torch_loader`, faster.
 
-Each image is decoded once (on the GPU with ``device_id`` set, else on the CPU) and augmented twice,
-following the two :class:`~moco_scale.data.augment.ViewSpec` as torchvision applies them, in uint8
-between steps. Where DALI differs from torchvision: colour jitter uses a fixed order (brightness,
-contrast, saturation, hue) instead of a random one, and DALI's hue shift and saturation are a
-linear rotation and scaling of the chroma in YIQ space rather than exact HSV operations.
+Each image is decoded once (on the GPU with ``device_id`` set, else on the CPU) and cropped twice by DALI:
+each view's random-resized crop (antialiased) goes to uint8 at its size, flipped when drawn, and DALI draws
+the view's random parameters beside it. The rest of the augmentation (colour jitter in each sample's own
+order, grayscale, blur, solarize, normalisation) is the torch loader's own batched code
+(:class:`~moco_scale.data.batch_augment.BatchAugment`), run by a thread of the loader on the views' device:
+one augmentation path for both loaders, and faster on the CPU than DALI's own colour and blur operators
+(``benchmarks/RESULTS.md``). As in the torch loader, the hue turns the chroma plane of YIQ.
 
 Every rank reads a disjoint ``1 / world_size`` of the samples each epoch. From shards
 (``fn.readers.webdataset``), the order of the tars is redrawn each epoch from ``seed`` (the same on all
@@ -15,19 +17,23 @@ so it streams only inputs whose images were checked with its decoder (see
 (:mod:`moco_scale.data.image_folder`), leave out the samples that failed, which ``bad_samples`` counts.
 
 Resuming. ``state_dict()`` is DALI's own pipeline checkpoint (reader position and every random op's
-state), which continues exactly, plus the global sample count. DALI cannot be placed anywhere else, so
+state, the drawn parameters' too) after the last batch consumed, which continues exactly, plus the global
+sample count. DALI cannot be placed anywhere else, so
 a state without its checkpoint (the torch loader's, or another layout's) starts a new pass of DALI's
 reader and only the count goes on from the saved one.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
+from moco_scale.data.augment import ViewSpec
+from moco_scale.data.batch_augment import FIELDS, PERMUTATIONS, BatchAugment
 from moco_scale.data.image_folder import FolderSource
 from moco_scale.data.shards import IMAGE_EXTENSIONS, StreamSpec, usable_shards
 from moco_scale.data.sources import Source, open_source
@@ -36,15 +42,9 @@ if TYPE_CHECKING:
     from nvidia.dali.data_node import DataNode
     from nvidia.dali.pipeline import Pipeline
     from nvidia.dali.tensors import TensorListCPU, TensorListGPU
-    from nvidia.dali.types import DALIDataType
 
 READER = "reader"
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-
-
-def solarized(threshold: float) -> list[float]:
-    """The lookup table of a solarization: levels at or above ``threshold`` inverted, as torchvision and PIL do."""
-    return [float(v if v < threshold else 255 - v) for v in range(256)]
+AHEAD = 2  # batches the loader's thread finishes ahead of the consumer
 
 
 def dali_available() -> bool:
@@ -62,59 +62,49 @@ def index_paths(shards: list[str]) -> list[str] | None:
     return paths if all(Path(p).is_file() for p in paths) else None
 
 
-def _uniform(low: float, high: float) -> float | DataNode:
-    """A per-sample draw from U(low, high), or the constant when the range is empty."""
+def _draw(low: float, high: float) -> DataNode:
+    """A per-sample (1,) float draw from U(low, high) (the constant ``low`` when the range is empty)."""
     from nvidia.dali import fn
 
-    return low if low == high else fn.random.uniform(range=[low, high])
+    return fn.random.uniform(range=[low, high], shape=[1]) if low < high else fn.random.uniform(values=[low], shape=[1])
 
 
-def _factor(strength: float) -> float | DataNode:
-    """torchvision's ColorJitter factor: U(max(0, 1 - strength), 1 + strength)."""
-    return _uniform(max(0.0, 1.0 - strength), 1.0 + strength)
+def _coin(probability: float) -> DataNode:
+    """A per-sample (1,) float 0/1 draw, 1 with ``probability``."""
+    from nvidia.dali import fn, types
+
+    return fn.cast(fn.random.coin_flip(probability=probability, shape=[1]), dtype=types.FLOAT)
 
 
-def _augment(image: DataNode, spec: ViewSpec, dtype: DALIDataType, layout: str) -> DataNode:
-    """One view of decoded HWC uint8 images; ``if`` on a DataNode is a per-sample branch (DALI conditionals)."""
+def _view(image: DataNode, spec: ViewSpec) -> tuple[DataNode, DataNode]:
+    """One view's uint8 HWC crop (random-resized, antialiased, flipped when drawn) and its random parameters, a
+    float vector laid out as ``batch_augment.FIELDS``, drawn as ``batch_augment.draw_params`` draws them."""
     from nvidia.dali import fn, types
 
     aug = spec.aug
-    x = fn.random_resized_crop(
+    flip = fn.random.coin_flip(probability=aug.flip_p, dtype=types.INT32)
+    crop = fn.random_resized_crop(
         image,
         size=[spec.size, spec.size],
         random_area=list(aug.crop_scale),
         random_aspect_ratio=list(aug.crop_ratio),
         antialias=True,
     )
-    brightness, contrast, saturation, hue = aug.jitter
-    if aug.jitter_p > 0 and fn.random.coin_flip(probability=aug.jitter_p, dtype=types.BOOL):
-        if brightness > 0 or contrast > 0:
-            # torchvision's contrast blends with the image's mean gray, not with mid-gray: pass it as the centre
-            # (argument inputs live on the CPU: .cpu() is a no-op there and a per-sample scalar copy on the GPU)
-            means = fn.reductions.mean(x, axes=[0, 1], dtype=types.FLOAT)
-            gray = sum(means[i] * w for i, w in enumerate(GRAY_WEIGHTS))
-            x = fn.brightness_contrast(
-                x, brightness=_factor(brightness), contrast=_factor(contrast), contrast_center=gray.cpu()
-            )
-        if saturation > 0 or hue > 0:
-            # torchvision's hue factor h shifts hue by U(-h, h) of a full turn; DALI's hue is in degrees: 360 h
-            x = fn.hsv(x, saturation=_factor(saturation), hue=_uniform(-360.0 * hue, 360.0 * hue))
-    if aug.grayscale_p > 0 and fn.random.coin_flip(probability=aug.grayscale_p, dtype=types.BOOL):
-        gray = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
-        x = fn.color_space_conversion(gray, image_type=types.GRAY, output_type=types.RGB)
-    if aug.blur_p > 0 and fn.random.coin_flip(probability=aug.blur_p, dtype=types.BOOL):
-        # window 2*ceil(3 sigma)+1 taps from sigma, like fb/moco's PIL radius blur; fixed 23 taps cost ~3x on CPU
-        x = fn.gaussian_blur(x, sigma=_uniform(*aug.blur_sigma))
-    if aug.solarize_p > 0 and fn.random.coin_flip(probability=aug.solarize_p, dtype=types.BOOL):
-        x = fn.lookup_table(x, keys=list(range(256)), values=solarized(aug.solarize_threshold), dtype=types.UINT8)
-    return fn.crop_mirror_normalize(
-        x,
-        mirror=fn.random.coin_flip(probability=aug.flip_p),
-        mean=[255.0 * m for m in IMAGENET_MEAN],
-        std=[255.0 * s for s in IMAGENET_STD],
-        dtype=dtype,
-        output_layout=layout,
-    )
+    brightness, contrast, saturation = (_draw(max(0.0, 1 - strength), 1 + strength) for strength in aug.jitter[:3])
+    drawn = {
+        "jitter": _coin(aug.jitter_p),
+        "brightness": brightness,
+        "contrast": contrast,
+        "saturation": saturation,
+        "hue": _draw(-aug.jitter[3], aug.jitter[3]),
+        "order": fn.random.uniform(values=[float(k) for k in range(len(PERMUTATIONS))], shape=[1]),
+        "gray": _coin(aug.grayscale_p),
+        "blur": _coin(aug.blur_p),
+        "sigma": _draw(*aug.blur_sigma),
+        "solarize": _coin(aug.solarize_p),
+        "flip": fn.cast(fn.reshape(flip, shape=[1]), dtype=types.FLOAT),
+    }
+    return fn.flip(crop, horizontal=flip), fn.cat(*(drawn[name] for name in FIELDS))
 
 
 def _read(source: Source, stream: StreamSpec) -> tuple[DataNode, DataNode]:
@@ -146,30 +136,24 @@ def build_two_view_pipeline(
     *,
     device_id: int | None,
     num_threads: int,
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
     checkpoint: str | None = None,
     source: Source | None = None,
 ) -> Pipeline:
-    """A DALI pipeline of ``(view1, view2, cls)`` batches for this rank; ``cls`` holds the raw text bytes of the
-    shards' ``cls`` members, or a folder's int32 labels.
-
-    Views come out in ``dtype`` when DALI has it (float32, float16; otherwise float32), CHW, or HWC
-    with ``channels_last``; on the GPU ``device_id`` when it is set, else on the CPU. ``source``: the stream's
-    input, opened already (default: opened here).
+    """A DALI pipeline of ``(crop1, params1, crop2, params2, cls)`` batches for this rank: each view's uint8 HWC
+    crops and random parameters (:func:`_view`), and ``cls``, the raw text bytes of the shards' ``cls`` members
+    or a folder's int32 labels. On the GPU ``device_id`` when it is set, else on the CPU. ``source``: the
+    stream's input, opened already (default: opened here). :func:`finish_batch` makes the views.
     """
     from nvidia.dali import fn, pipeline_def, types
 
     views, rank, world_size, seed = stream.views, stream.rank, stream.world_size, stream.seed
     source = source or open_source(stream.inputs)
-    out_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
-    layout = "HWC" if channels_last else "CHW"
 
-    @pipeline_def(enable_conditionals=True)
-    def two_views() -> tuple[DataNode, DataNode, DataNode]:
+    @pipeline_def
+    def two_views() -> tuple[DataNode, ...]:
         jpeg, cls = _read(source, stream)
         image = fn.decoders.image(jpeg, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
-        return _augment(image, views[0], out_dtype, layout), _augment(image, views[1], out_dtype, layout), cls
+        return (*_view(image, views[0]), *_view(image, views[1]), cls)
 
     return two_views(
         batch_size=stream.batch_size,
@@ -179,6 +163,30 @@ def build_two_view_pipeline(
         enable_checkpointing=True,  # reader position and every random op's state: exact resume
         checkpoint=checkpoint,
     )
+
+
+def to_torch(batch: TensorListCPU | TensorListGPU, device: torch.device) -> torch.Tensor:
+    """A dense DALI batch as a torch tensor on ``device`` (the batch's own: the CPU, or its GPU)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    dense = batch.as_tensor()
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+    return out
+
+
+def finish_batch(
+    outputs: tuple, augment: tuple[BatchAugment, BatchAugment], device: torch.device, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(view1, view2, labels)`` of a pipeline's outputs: each view's crops augmented as a batch on ``device``
+    (``batch_augment.BatchAugment``, the torch loader's own), channels-last when asked; labels int64 on the CPU."""
+    crop1, params1, crop2, params2, cls = outputs
+    views = []
+    for crops, params, view_augment in ((crop1, params1, augment[0]), (crop2, params2, augment[1])):
+        nhwc = to_torch(crops, device)
+        view = view_augment(nhwc.permute(0, 3, 1, 2), to_torch(params, torch.device("cpu")))
+        views.append(view.contiguous(memory_format=torch.channels_last) if channels_last else view)
+    return views[0], views[1], cls_labels(cls)
 
 
 def cls_labels(cls: TensorListCPU) -> torch.Tensor:
@@ -197,7 +205,8 @@ class DaliTwoViewLoader:
     Views are ``(B, 3, size, size)`` in ``dtype`` (channels_last memory format when asked), on the
     GPU ``device_id`` when it is set; labels are int64 on the CPU. The DALI reader wraps around at
     each epoch end by itself, so the stream never stops; ``samples_per_epoch`` is this rank's share.
-    ``state`` (a ``state_dict()``) resumes: see the module docstring.
+    A thread finishes the views (:func:`finish_batch`) :data:`AHEAD` batches ahead of the consumer, each
+    with DALI's checkpoint after it. ``state`` (a ``state_dict()``) resumes: see the module docstring.
     """
 
     def __init__(
@@ -213,13 +222,7 @@ class DaliTwoViewLoader:
         state = state or {}
         source = open_source(stream.inputs)
         self.pipe = build_two_view_pipeline(
-            stream,
-            source=source,
-            device_id=device_id,
-            num_threads=num_threads,
-            dtype=dtype,
-            channels_last=channels_last,
-            checkpoint=state.get("dali"),
+            stream, source=source, device_id=device_id, num_threads=num_threads, checkpoint=state.get("dali")
         )
         self.pipe.build()
         self.epoch_samples = total = self.pipe.reader_meta(READER)["epoch_size"]
@@ -230,33 +233,69 @@ class DaliTwoViewLoader:
         self.decode_failures = state.get("bad_samples", 0)  # counted by the torch loader before a switch
         self.bad_samples = source.left_out + self.decode_failures
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
-        self.dtype, self.channels_last = dtype, channels_last
+        augment = (BatchAugment(stream.views[0], dtype), BatchAugment(stream.views[1], dtype))
+        self._checkpoint = self.pipe.checkpoint()  # after the last batch consumed
+        self._ready: queue.Queue = queue.Queue(maxsize=AHEAD)
+        self._stop = threading.Event()
+        finisher = (self.pipe, augment, self.device, channels_last, self._ready, self._stop)
+        self._thread = threading.Thread(target=_finish_ahead, args=finisher, daemon=True, name="dali-views")
+        self._thread.start()
 
     def __iter__(self) -> DaliTwoViewLoader:
         return self
 
     def state_dict(self) -> dict[str, bytes | int]:
-        """DALI's own checkpoint of the pipeline (``dali``), and the global sample count that any backend or layout
-        can restart from (``samples``, ``epoch_samples``, ``bad_samples``)."""
+        """DALI's own checkpoint of the pipeline after the last batch consumed (``dali``), and the global sample
+        count that any backend or layout can restart from (``samples``, ``epoch_samples``, ``bad_samples``)."""
         return {
-            "dali": self.pipe.checkpoint(),
+            "dali": self._checkpoint,
             "samples": self.samples,
             "epoch_samples": self.epoch_samples,
             "bad_samples": self.decode_failures,
         }
 
-    def _to_torch(self, views: TensorListCPU | TensorListGPU) -> torch.Tensor:
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
-        dense = views.as_tensor()
-        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        feed_ndarray(dense, out, cuda_stream=stream)
-        if self.channels_last:
-            out = out.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last strides
-        return out.to(self.dtype)
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        view1, view2, cls = self.pipe.run()
+        batch, checkpoint = self._ready.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        self._checkpoint = checkpoint
         self.samples += self.global_batch
-        return self._to_torch(view1), self._to_torch(view2), cls_labels(cls)
+        return batch
+
+    def close(self) -> None:
+        """Stop the finishing thread (it holds the pipeline); the loader gives no batch after this."""
+        self._stop.set()
+        self._thread.join()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _finish_ahead(
+    pipe: Pipeline,
+    augment: tuple[BatchAugment, BatchAugment],
+    device: torch.device,
+    channels_last: bool,
+    ready: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    """The loader's thread: run the pipeline, finish each batch's views, and queue them with DALI's checkpoint
+    after them, until ``stop``; an exception is queued for the consumer to raise."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # one thread for torch's ops here (OpenMP's count is per thread): beside DALI's own threads, more only contend
+    torch.set_num_threads(1)
+    while not stop.is_set():
+        try:
+            outputs = pipe.run()
+            item = finish_batch(outputs, augment, device, channels_last), pipe.checkpoint()
+        except Exception as error:  # raised in the consumer, where it can stop training
+            item = error, None
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item[0], BaseException):
+            return
