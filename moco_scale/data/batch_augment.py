@@ -3,7 +3,7 @@
 Per image (:func:`crop_views`): each view's random-resized crop goes straight from the decoded image to
 ``size`` x ``size`` uint8 pixels (PIL's resize of a box: one pass, antialiased), flipped there when its draw
 says so, and its random parameters are drawn (:func:`draw_params`) from torch's generator, which the stream
-seeds per sample.
+seeds per sample. (The DALI loader and the GPU path crop and draw the same way elsewhere.)
 
 Per batch (:class:`BatchAugment`): colour jitter, grayscale, blur, solarize and normalisation as batched tensor
 ops with those per-sample parameters. The jitter's four steps run in each sample's own random order, as in
@@ -11,9 +11,9 @@ torchvision's ``ColorJitter``, and all of them are affine maps of the colour: br
 scale; contrast blends with the mean gray level, an affine function of the image's mean colour; the hue turns
 the chroma plane of YIQ, as DALI's ``hsv`` does (torchvision turns it in HSV, which no matrix can: measured,
 that alone cost more than the rest of the batch). So the jitter and the grayscale fold into one map ``A x + t``
-per image, clamped to [0, 1] once, where torchvision clamps after each step. ``tests/test_view_statistics.py``
-checks that the views are the distribution DALI's and fb/moco's PIL transforms give. The blur is a separable
-Gaussian per sample, the samples grouped by window size.
+per image (:func:`colour_map`), clamped to [0, 1] once, where torchvision clamps after each step.
+``tests/test_view_statistics.py`` checks that the views are the distribution fb/moco's PIL transforms give.
+The blur is a separable Gaussian per sample, the samples grouped by window size.
 """
 
 from __future__ import annotations
@@ -156,12 +156,6 @@ def _linear(m: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> tuple[torch.Te
     return m @ a, (m @ t[:, :, None])[:, :, 0]
 
 
-def _affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``A x + t`` per image of (B, 3, H, W), clamped to [0, 1]."""
-    flat = torch.baddbmm(t[:, :, None], a, x.reshape(len(x), 3, -1))
-    return flat.clamp_(0, 1).reshape(x.shape)
-
-
 def colour_map(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's colour jitter in its own order, then its grayscale, as one ``(A (B, 3, 3), t (B, 3))`` on
     [0, 1] colours (:func:`jitter_map`; ``mean_rgb`` each image's mean colour there)."""
@@ -169,12 +163,6 @@ def colour_map(params: torch.Tensor, mean_rgb: torch.Tensor) -> tuple[torch.Tens
     grayed = params[:, COLUMN["gray"]] > 0
     a_gray, t_gray = _linear(torch.tensor(GRAY, device=params.device).expand(len(params), 3, 3), a, t)
     return torch.where(grayed[:, None, None], a_gray, a), torch.where(grayed[:, None], t_gray, t)
-
-
-def jitter_and_gray(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Colour jitter in each sample's own order, then grayscale, on (B, 3, H, W) in [0, 1]: one affine map per
-    image, clamped."""
-    return _affine(x, *colour_map(params, x.mean(dim=(2, 3))))
 
 
 def gaussian_kernels(sigmas: torch.Tensor) -> torch.Tensor:
