@@ -217,7 +217,7 @@ class BatchAugment:
         device, batch = crops.device, len(crops)
         params = params.to(device)
         mean, std = self.mean.to(device), self.std.to(device)
-        x = crops.float()
+        x = crops.to(torch.float32, memory_format=torch.contiguous_format)  # DALI's crops come NHWC: one pass
         if ((params[:, COLUMN["jitter"]] > 0) | (params[:, COLUMN["gray"]] > 0)).any():
             a, t = colour_map(params, x.mean(dim=(2, 3)) / 255)  # the whole batch: an identity costs less than a gather
         else:
