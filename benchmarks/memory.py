@@ -15,9 +15,14 @@ Per rank (the larger of the two) it reports
 - ``params_local_mib``: the bytes of the parameters this rank holds (both encoders, local shards);
 - ``train_peak_mib``: the peak resident set while training (sampled every 2 ms over the steps, which include
   the first optimizer step that allocates its state) above the resident set of the bare process;
-- ``init_peak_mib``: the same up to the end of the engine's set-up. ``--builds whole`` builds the whole model
-  on every rank before the backend shards it (``engine.sharded_build=false``); ``sharded`` (the default under
-  FSDP2 and ZeRO-3) builds on the meta device or under ``zero.Init``. ZeRO-0/2 always build whole.
+- ``live_peak_mib``: the peak, sampled alongside, of the bytes malloc has handed out and not yet taken back
+  (glibc's ``mallinfo2``: ``uordblks + hblkhd``) above the bare process's: the tensors and other heap objects
+  alive, without the freed memory the allocator keeps resident. glibc keeps much of what a sharding backend
+  frees (all-gather buffers) when its mmap threshold has grown, so the resident set can exceed this by a
+  GiB per rank; ``-`` where the C library has no ``mallinfo2``;
+- ``init_peak_mib``: the resident-set peak up to the end of the engine's set-up. ``--builds whole`` builds the
+  whole model on every rank before the backend shards it (``engine.sharded_build=false``); ``sharded`` (the
+  default under FSDP2 and ZeRO-3) builds on the meta device or under ``zero.Init``. ZeRO-0/2 always build whole.
 
 For each (backend, checkpointing, build) it fits ``peak = a + b x backbone parameters`` over the archs of a
 family it measured and reports the largest backbone whose training peak fits ``--fit-gib`` per rank at this
@@ -32,11 +37,13 @@ import contextlib
 import ctypes
 import gc
 import itertools
+import math
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -130,17 +137,61 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+_MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+)
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33 and later)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS]
+
+
+def _load_mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc, or older than 2.33
+        return None
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+_MALLINFO2 = _load_mallinfo2()
+
+
+def _malloc_in_use() -> int:
+    """The bytes malloc has handed out and not taken back, in all arenas and in mmapped chunks (0 without
+    ``mallinfo2``)."""
+    if _MALLINFO2 is None:
+        return 0
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
 class PeakSampler:
-    """The largest resident set seen by a thread polling every 2 ms while the block runs."""
+    """The largest resident set, and the largest malloc'd bytes in use, seen by a thread polling every 2 ms
+    while the block runs."""
 
     def __init__(self) -> None:
         self.peak = _rss()
+        self.live_peak = _malloc_in_use()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, _rss())
+            self.live_peak = max(self.live_peak, _malloc_in_use())
 
     def __enter__(self) -> PeakSampler:
         self._thread.start()
@@ -150,6 +201,7 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
+        self.live_peak = max(self.live_peak, _malloc_in_use())
 
 
 def _release_freed_memory() -> None:
@@ -171,7 +223,7 @@ def _rank(rank: int, port: int, cfg: Config, steps: int, out: str) -> None:
     join_local_gloo(rank, WORLD, port)
     ctx = DistInfo(rank, WORLD, rank, WORLD, torch.device("cpu"))
     _release_freed_memory()
-    base = _rss()
+    base, live_base = _rss(), _malloc_in_use()
     with PeakSampler() as init:
         model, engine = build_engine(cfg, ctx, peak_lr=1e-4)
         _release_freed_memory()
@@ -183,14 +235,15 @@ def _rank(rank: int, port: int, cfg: Config, steps: int, out: str) -> None:
         for step in range(steps):
             engine.train_step(*views, lr=1e-4, momentum=0.99, step=step)
     step_s = (time.perf_counter() - started) / steps
-    peaks = torch.tensor([init.peak - base, train.peak - base, _local_param_bytes(model)], dtype=torch.float64)
+    live = train.live_peak - live_base if _MALLINFO2 is not None else float("nan")
+    peaks = torch.tensor([init.peak - base, train.peak - base, _local_param_bytes(model), live], dtype=torch.float64)
     gathered = [torch.zeros_like(peaks) for _ in range(WORLD)]
     dist.all_gather(gathered, peaks)
     if rank == 0:
         worst = torch.stack(gathered).max(dim=0).values / MIB
-        torch.save(
-            {"init": worst[0].item(), "train": worst[1].item(), "params": worst[2].item(), "step_s": step_s}, out
-        )
+        figures = {"init": worst[0].item(), "train": worst[1].item(), "params": worst[2].item()}
+        live_peak = None if math.isnan(worst[3].item()) else worst[3].item()
+        torch.save({**figures, "live": live_peak, "step_s": step_s}, out)
     dist.barrier()  # leave together
     shutdown_distributed()
 
@@ -267,12 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         estimate_gib = per_param * params * WORLD / 2**30
         if estimate_gib > args.mem_budget_gib:
             print(f"skip {' '.join(label)}: ~{estimate_gib:.1f} GiB > --mem-budget-gib", file=sys.stderr)
-            rows.append([*label, "-", "-", "-", "skipped (memory budget)"])
+            rows.append([*label, "-", "-", "-", "-", "skipped (memory budget)"])
             continue
         print(f"{' '.join(label)} ...", file=sys.stderr, flush=True)
         r = measure(cfg, args.steps)
         if isinstance(r, str):
-            rows.append([*label, "-", "-", "-", r])
+            rows.append([*label, "-", "-", "-", "-", r])
             continue
         results.append(
             {
@@ -285,12 +338,17 @@ def main(argv: list[str] | None = None) -> int:
                 **r,
             }
         )
-        rows.append([*label, r["params"], r["train"], r["init"], f"{r['step_s']:.2f}"])
-        print(f"{' '.join(label)}: train peak {r['train']:.0f} MiB, init peak {r['init']:.0f} MiB", flush=True)
+        live = "-" if r["live"] is None else r["live"]
+        rows.append([*label, r["params"], r["train"], live, r["init"], f"{r['step_s']:.2f}"])
+        live_text = "" if r["live"] is None else f", live peak {r['live']:.0f} MiB"
+        print(
+            f"{' '.join(label)}: train peak {r['train']:.0f} MiB{live_text}, init peak {r['init']:.0f} MiB", flush=True
+        )
         if args.json:  # what has finished so far, should a later row take the process down
             write_json(args.json + ".partial", {"args": vars(args), "results": results})
-    headers = ["arch", "backbone", "backend", "ckpt", "build", "params_local_mib", "train_peak_mib", "init_peak_mib"]
-    print(format_table([*headers, "step_s"], rows))
+    labels = ["arch", "backbone", "backend", "ckpt", "build"]
+    figures = ["params_local_mib", "train_peak_mib", "live_peak_mib", "init_peak_mib", "step_s"]
+    print(format_table([*labels, *figures], rows))
     fits = largest_fit(results, args.fit_gib)
     if fits:
         keys = ("family", "backend", "checkpointing", "build", "mib_per_million_params", "fixed_mib")
