@@ -274,7 +274,9 @@ def query_params(cfg: Config) -> int:
 
 def largest_fit(results: list[dict], fit_gib: float) -> list[dict]:
     """Per (family, backend, checkpointing, build) measured at two archs or more: the least-squares line
-    ``train peak = a + b x backbone params`` and the backbone size whose peak reaches ``fit_gib`` on it."""
+    ``peak = a + b x backbone params`` and the backbone size whose peak reaches ``fit_gib`` on it. The peak is
+    the live one where every row has it (what the model needs; a GPU's caching allocator keeps its own, smaller
+    slack), else the resident set's; ``peak`` names which."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         family = "vit" if r["arch"].startswith("vit") else "resnet"
@@ -283,9 +285,8 @@ def largest_fit(results: list[dict], fit_gib: float) -> list[dict]:
     for (family, backend, checkpointing, build), rows in groups.items():
         if len({r["backbone_params"] for r in rows}) < 2:
             continue
-        slope, intercept = statistics.linear_regression(
-            [r["backbone_params"] for r in rows], [r["train"] for r in rows]
-        )
+        peak = "live" if all(r["live"] is not None for r in rows) else "train"
+        slope, intercept = statistics.linear_regression([r["backbone_params"] for r in rows], [r[peak] for r in rows])
         if slope <= 0:
             continue
         params = (fit_gib * 1024 - intercept) / slope
@@ -295,6 +296,7 @@ def largest_fit(results: list[dict], fit_gib: float) -> list[dict]:
                 "backend": backend,
                 "checkpointing": checkpointing,
                 "build": build,
+                "peak": peak,
                 "mib_per_million_params": slope * 1e6,
                 "fixed_mib": intercept,
                 "largest_backbone_params": params,
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table([*labels, *figures], rows))
     fits = largest_fit(results, args.fit_gib)
     if fits:
-        keys = ("family", "backend", "checkpointing", "build", "mib_per_million_params", "fixed_mib")
+        keys = ("family", "backend", "checkpointing", "build", "peak", "mib_per_million_params", "fixed_mib")
         fit_rows = [[*(f[k] for k in keys), f"{f['largest_backbone_params'] / 1e9:.2f}B"] for f in fits]
         print(format_table([*keys, f"largest backbone in {args.fit_gib:g} GiB"], fit_rows))
     write_json(
