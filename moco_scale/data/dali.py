@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -175,18 +176,35 @@ def to_torch(batch: TensorListCPU | TensorListGPU, device: torch.device) -> torc
     return out
 
 
+def finish_view(
+    crops: TensorListCPU | TensorListGPU,
+    params: TensorListCPU,
+    augment: BatchAugment,
+    device: torch.device,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """One view's batch from its DALI crops (uint8 NHWC) and parameters, augmented on ``device`` (the torch
+    loader's ``BatchAugment``), channels-last when asked."""
+    view = augment(to_torch(crops, device).permute(0, 3, 1, 2), to_torch(params, torch.device("cpu")))
+    return view.contiguous(memory_format=torch.channels_last) if channels_last else view
+
+
 def finish_batch(
-    outputs: tuple, augment: tuple[BatchAugment, BatchAugment], device: torch.device, channels_last: bool = False
+    outputs: tuple,
+    augment: tuple[BatchAugment, BatchAugment],
+    device: torch.device,
+    channels_last: bool = False,
+    helper: Executor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(view1, view2, labels)`` of a pipeline's outputs: each view's crops augmented as a batch on ``device``
-    (``batch_augment.BatchAugment``, the torch loader's own), channels-last when asked; labels int64 on the CPU."""
+    """``(view1, view2, labels)`` of a pipeline's outputs (:func:`finish_view`; labels int64 on the CPU); the
+    second view on ``helper`` while this thread makes the first, when one is given."""
     crop1, params1, crop2, params2, cls = outputs
-    views = []
-    for crops, params, view_augment in ((crop1, params1, augment[0]), (crop2, params2, augment[1])):
-        nhwc = to_torch(crops, device)
-        view = view_augment(nhwc.permute(0, 3, 1, 2), to_torch(params, torch.device("cpu")))
-        views.append(view.contiguous(memory_format=torch.channels_last) if channels_last else view)
-    return views[0], views[1], cls_labels(cls)
+    if helper is None:
+        view2 = finish_view(crop2, params2, augment[1], device, channels_last)
+    else:
+        second = helper.submit(finish_view, crop2, params2, augment[1], device, channels_last)
+    view1 = finish_view(crop1, params1, augment[0], device, channels_last)
+    return view1, view2 if helper is None else second.result(), cls_labels(cls)
 
 
 def cls_labels(cls: TensorListCPU) -> torch.Tensor:
@@ -281,14 +299,17 @@ def _finish_ahead(
 ) -> None:
     """The loader's thread: run the pipeline, finish each batch's views, and queue them with DALI's checkpoint
     after them, until ``stop``; an exception is queued for the consumer to raise."""
-    if device.type == "cuda":
+    on_device = device.type == "cuda"
+    if on_device:
         torch.cuda.set_device(device)
-    # one thread for torch's ops here (OpenMP's count is per thread): beside DALI's own threads, more only contend
-    torch.set_num_threads(1)
+    # On the CPU the two views are finished side by side, each thread with one torch thread (OpenMP's count is per
+    # thread): the finishing, not DALI, bounded the loader with one (measured: benchmarks/RESULTS.md).
+    _one_torch_thread()
+    helper = None if on_device else ThreadPoolExecutor(1, "dali-views-2", initializer=_one_torch_thread)
     while not stop.is_set():
         try:
             outputs = pipe.run()
-            item = finish_batch(outputs, augment, device, channels_last), pipe.checkpoint()
+            item = finish_batch(outputs, augment, device, channels_last, helper), pipe.checkpoint()
         except Exception as error:  # raised in the consumer, where it can stop training
             item = error, None
         while not stop.is_set():
@@ -298,4 +319,10 @@ def _finish_ahead(
             except queue.Full:
                 continue
         if isinstance(item[0], BaseException):
-            return
+            break
+    if helper is not None:
+        helper.shutdown()
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
