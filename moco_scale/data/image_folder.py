@@ -23,6 +23,7 @@ file system from being walked again at every start; see the README on when to co
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 from collections.abc import Iterator
@@ -107,8 +108,11 @@ def write_list(index: FolderIndex, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=4)
 def read_index(path: str) -> FolderIndex:
-    """The index of a folder or a list file."""
+    """The index of a folder or a list file, read once per process: the backend's choice, the sample count, the
+    loaders and the evaluation passes all open it, and walking a large tree takes minutes on a network file
+    system (the files added to a tree after the start are not seen until the next one). Not to be changed."""
     p = Path(path)
     return scan_folder(p) if p.is_dir() else read_list(p)
 
@@ -125,7 +129,7 @@ class FolderSource:
         self.left_out = len(self.index.bad)
         self.checked_with = self.index.checked_with
         self.class_names = self.index.class_names
-        self.labels = len(self.class_names) if self.class_names else max(self.index.labels) + 1
+        self.num_classes = len(self.class_names) if self.class_names else max(self.index.labels) + 1
 
     def read(self, part: str, first: int) -> Iterator[dict | None]:
         """Each image's file bytes as a webdataset-like sample; one that cannot be read has no image (bad)."""

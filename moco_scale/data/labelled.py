@@ -69,7 +69,7 @@ def eval_transform(size: int) -> T.Compose:
 def num_classes_of(inputs: list[str]) -> int | None:
     """The number of classes of an input: the class names that the shards' ``manifest.json`` files list, the class
     folders of an ImageFolder tree, or one more than a list file's largest label; None when shards list none."""
-    return open_source(inputs).labels
+    return open_source(inputs).num_classes
 
 
 class EvalBatches(IterableDataset):

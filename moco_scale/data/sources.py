@@ -29,7 +29,7 @@ class Source(Protocol):
     left_out: int  # samples a decode check left out of the parts (counted as bad)
     checked_with: set[str]  # the decoders every sample of every part was checked with
     class_names: list[str] | None
-    labels: int | None  # the number of classes: of the names, else of the labels found, else None
+    num_classes: int | None  # of the class names, else of the labels found (largest + 1), else None
 
     def read(self, part: str, first: int) -> Iterator[Sample]:
         """The samples of ``part`` from place ``first`` on, in stored order, then None without end."""
@@ -84,7 +84,7 @@ class ShardSource:
         return list(names.pop()) if names else None
 
     @property
-    def labels(self) -> int | None:
+    def num_classes(self) -> int | None:
         return len(self.class_names) if self.class_names else None
 
     def read(self, part: str, first: int) -> Iterator[Sample]:
