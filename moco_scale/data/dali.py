@@ -25,6 +25,7 @@ reader and only the count goes on from the saved one.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -258,6 +259,8 @@ class DaliTwoViewLoader:
         finisher = (self.pipe, augment, self.device, channels_last, self._ready, self._stop)
         self._thread = threading.Thread(target=_finish_ahead, args=finisher, daemon=True, name="dali-views")
         self._thread.start()
+        # at exit, before the interpreter goes: a daemon thread still inside DALI then could crash the process
+        atexit.register(_stop_and_join, self._stop, self._thread)
 
     def __iter__(self) -> DaliTwoViewLoader:
         return self
@@ -282,8 +285,7 @@ class DaliTwoViewLoader:
 
     def close(self) -> None:
         """Stop the finishing thread (it holds the pipeline); the loader gives no batch after this."""
-        self._stop.set()
-        self._thread.join()
+        _stop_and_join(self._stop, self._thread)
 
     def __del__(self) -> None:
         self._stop.set()
@@ -322,6 +324,11 @@ def _finish_ahead(
             break
     if helper is not None:
         helper.shutdown()
+
+
+def _stop_and_join(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    thread.join()
 
 
 def _one_torch_thread() -> None:
