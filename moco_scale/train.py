@@ -33,7 +33,7 @@ from moco_scale.config import (
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.loader import Batch, LoaderLayout, backend_of, remap_state, resolve_backend, two_view_batches
 from moco_scale.data.shards import DataError, StreamSpec
-from moco_scale.data.sources import list_inputs, open_source
+from moco_scale.data.sources import count_samples, list_inputs
 from moco_scale.distributed.comm import DistInfo, init_distributed, leave_if_groups_linger, shutdown_distributed
 from moco_scale.engine.base import COMPUTE_DTYPES, TrainEngine
 from moco_scale.engine.deepspeed import DeepSpeedEngine, build_partitioned, deepspeed_config
@@ -156,7 +156,7 @@ def pretrain(cfg: Config, inputs: list[str], knn_bank: list[str], knn_val: list[
     stop = STOP.install()  # installed already when run as a script; from here on a signal ends in a checkpoint
     ctx = init_distributed(cfg.engine.device, cfg.engine.timeout_s)
     global_batch = cfg.train.batch_size * ctx.world_size
-    num_samples = sum(open_source(inputs).sizes.values())
+    num_samples = count_samples(inputs)
     steps_per_epoch = math.ceil(num_samples / global_batch)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup_steps = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)

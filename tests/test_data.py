@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from moco_scale.data.augment import moco_views
-from moco_scale.data.shards import DataError, StreamSpec, count_samples, list_shards, write_shards
+from moco_scale.data.shards import DataError, StreamSpec, list_shards, write_shards
+from moco_scale.data.sources import count_samples
 from moco_scale.data.torch_loader import TwoViewStream, split_epoch, two_view_loader
 
 

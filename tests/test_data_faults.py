@@ -30,12 +30,12 @@ from moco_scale.data.shards import (
     DataError,
     StreamSpec,
     checked_with,
-    count_samples,
     list_shards,
     write_index,
     write_manifest,
     write_shards,
 )
+from moco_scale.data.sources import count_samples
 from moco_scale.data.torch_loader import StreamBatches, two_view_loader
 
 ROOT = Path(__file__).resolve().parent.parent

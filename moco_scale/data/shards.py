@@ -311,8 +311,3 @@ def shard_sizes(shards: list[str]) -> dict[str, int]:
                 names = [Path(m.name) for m in tar.getmembers() if m.isfile()]
                 sizes[shard] = len({n.parent / n.name.split(".", 1)[0] for n in names})
     return sizes
-
-
-def count_samples(shards: list[str]) -> int:
-    """Samples in ``shards`` (see :func:`shard_sizes`)."""
-    return sum(shard_sizes(shards).values())

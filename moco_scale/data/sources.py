@@ -104,6 +104,12 @@ def open_source(inputs: list[str]) -> Source:
     return FolderSource(inputs[0]) if is_folder(inputs) else ShardSource(inputs)
 
 
+def count_samples(inputs: list[str]) -> int:
+    """Samples in ``inputs`` (from :func:`list_inputs`): a shard's count from the ``manifest.json`` beside it
+    when there is one, else by reading the tar; a folder's or list's images."""
+    return sum(open_source(inputs).sizes.values())
+
+
 def list_inputs(path: str, name: str = "data.path") -> list[str]:
     """What ``path`` names, as a loader takes it: the ``.tar`` shards of a folder or a glob (or one shard), or
     ``[path]`` for an ImageFolder root (class folders of images, no shards) or a ``path label`` list file; a

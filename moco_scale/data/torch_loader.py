@@ -87,7 +87,7 @@ def decode_sample(sample: Sample) -> tuple[Image.Image, int] | None:
     PIL's decompression-bomb limit is kept and its warning band refused as well: an image whose header claims more
     than ``Image.MAX_IMAGE_PIXELS`` (89.5 Mpx by default) is bad before any pixel memory is allocated for it.
     """
-    payload = next((sample[ext] for ext in IMAGE_EXTENSIONS if sample.get(ext)), None) if sample else None
+    payload, label = _payload_and_label(sample)
     if not payload:
         return None
     try:
@@ -96,7 +96,7 @@ def decode_sample(sample: Sample) -> tuple[Image.Image, int] | None:
             with Image.open(io.BytesIO(payload)) as image:
                 image.load()
                 rgb = image.convert("RGB")
-        return rgb, int(sample["cls"]) if sample.get("cls") else -1
+        return rgb, label
     except Exception:  # whatever a broken file makes the decoder raise: the sample is bad, training goes on
         return None
 
@@ -104,11 +104,18 @@ def decode_sample(sample: Sample) -> tuple[Image.Image, int] | None:
 def open_sample(sample: Sample) -> tuple[Image.Image | Encoded, int] | None:
     """As :func:`decode_sample`, but a whole RGB or gray JPEG stays encoded, with its size
     (:func:`~moco_scale.data.device_views.jpeg_to_decode`), for the device to decode."""
-    payload = next((sample[ext] for ext in IMAGE_EXTENSIONS if sample.get(ext)), None) if sample else None
+    payload, label = _payload_and_label(sample)
     encoded = jpeg_to_decode(payload) if payload else None
-    if encoded is None:
-        return decode_sample(sample)
-    return encoded, int(sample["cls"]) if sample.get("cls") else -1
+    return decode_sample(sample) if encoded is None else (encoded, label)
+
+
+def _payload_and_label(sample: Sample) -> tuple[bytes | None, int]:
+    """A raw sample's image bytes (its first member with an image extension; None without one) and its label
+    (-1 without ``cls``)."""
+    if not sample:
+        return None, -1
+    payload = next((sample[ext] for ext in IMAGE_EXTENSIONS if sample.get(ext)), None)
+    return payload, int(sample["cls"]) if sample.get("cls") else -1
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -321,17 +328,9 @@ class EncodedCollate:
 
     def __call__(self, samples: list[tuple]) -> tuple:
         payloads, boxes, crop1, params1, crop2, params2, labels, positions = zip(*samples, strict=True)
-        stacked = torch.stack(boxes), torch.stack(params1), torch.stack(params2), torch.tensor(labels)
-        return (
-            list(payloads),
-            stacked[0],
-            list(crop1),
-            stacked[1],
-            list(crop2),
-            stacked[2],
-            stacked[3],
-            torch.stack(positions),
-        )
+        params1, params2 = torch.stack(params1), torch.stack(params2)
+        boxes, labels, positions = torch.stack(boxes), torch.tensor(labels), torch.stack(positions)
+        return list(payloads), boxes, list(crop1), params1, list(crop2), params2, labels, positions
 
 
 class StreamBatches:

@@ -39,7 +39,7 @@ from moco_scale.config import SECTIONS, Config, ConfigError, load_config, parse_
 from moco_scale.data.demo import ensure_demo_shards
 from moco_scale.data.labelled import eval_loader, linear_eval_stream, num_classes_of, train_loader
 from moco_scale.data.shards import DataError
-from moco_scale.data.sources import list_inputs, open_source
+from moco_scale.data.sources import count_samples, list_inputs
 from moco_scale.distributed.comm import init_distributed, shutdown_distributed
 from moco_scale.eval.linear import LinearSchedule, evaluate, frozen_backbone, linear_head, train_linear
 from moco_scale.optim import linear_scaled_lr
@@ -125,7 +125,7 @@ def run(probe: Probe) -> dict[str, Any]:
     backbone = frozen_backbone(cfg.model, size, probe.weights, cfg.train.seed).to(ctx.device)
     head = linear_head(backbone.feature_dim, probe.num_classes, cfg.train.seed).to(ctx.device)
     global_batch = recipe.batch_size * ctx.world_size
-    steps_per_epoch = math.ceil(sum(open_source(probe.train_inputs).sizes.values()) / global_batch)
+    steps_per_epoch = math.ceil(count_samples(probe.train_inputs) / global_batch)
     schedule = LinearSchedule(
         steps=recipe.max_steps or recipe.epochs * steps_per_epoch,
         peak_lr=linear_scaled_lr(recipe.base_lr, global_batch),
